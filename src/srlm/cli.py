@@ -1,0 +1,298 @@
+"""The `srlm` command line: `srlm run` for the whole method, one subcommand per stage for working on files.
+
+Exit codes: 0 ok; 2 usage; 3 config; 4 input data; 5 run directory; 6 model; 7 judge integrity;
+130 interrupted; 1 an unexpected error (a bug: please report it with the traceback).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import SrlmError
+
+EPILOG = "Every config key (see `srlm config --list`) can be set with --set section.key=value."
+
+
+def _config_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("configuration (preset < --config < --set)")
+    group.add_argument("--preset", help="a shipped preset: tiny (default; embedded model, CPU) or paper "
+                                        "(the paper's sizes, for GPUs)")
+    group.add_argument("--config", type=Path, help="a YAML config file (overrides the preset)")
+    group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one key, e.g. --set candidates.n=4 (repeatable)")
+
+
+def _load(args, extra: list[str] | None = None):
+    from .config import load_config
+
+    return load_config(args.config, args.preset, [*(extra or []), *args.overrides])
+
+
+def _model_path(name: str, config):
+    from . import models
+
+    return models.resolve(config.model.model_copy(update={"name_or_path": name}))
+
+
+def cmd_run(args) -> int:
+    from .loop import run
+
+    if args.resume:
+        if args.out or args.preset or args.config or args.ift or args.eft:
+            raise SrlmError("--resume DIR continues a run with its own saved config; drop --out/--preset/"
+                            "--config/--ift/--eft")
+        from .config import load_config
+
+        root = args.resume
+        saved = root / "config.yaml"
+        if not saved.exists():
+            from .errors import RunDirError
+
+            raise RunDirError(f"{root}: not a srlm run directory (no config.yaml)")
+        config = load_config(saved, None, args.overrides)
+        run(config, root, resume=True)
+        return 0
+    extra = []
+    if args.ift:
+        extra.append(f"data.ift={args.ift.resolve()}")
+    if args.eft:
+        extra.append(f"data.eft={args.eft.resolve()}")
+    config = _load(args, extra)
+    out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    print(f"[srlm] run directory: {out}", file=sys.stderr)
+    run(config, out)
+    return 0
+
+
+def cmd_sft(args) -> int:
+    from .judging import load_template
+    from .seed import load_eft, load_ift
+    from .sft import train_sft
+
+    config = _load(args)
+    ift = load_ift(args.ift or config.data.ift, config.data.ift_limit)
+    eft = [] if args.ift_only else load_eft(args.eft or config.data.eft, config.data.eft_limit)
+    out = train_sft(_model_path(args.model, config), ift, eft, args.out, config,
+                    template=load_template(config.judge.template))
+    print(out)
+    return 0
+
+
+def _generator(args, config):
+    from .backends import make_generator
+
+    return make_generator(config, _model_path(args.model, config))
+
+
+def _seed_prompts(path: Path) -> list[str]:
+    """Few-shot pool from a JSONL of IFT examples or of prompts (`prompt` or `text` field)."""
+    from .records import IFTExample, Prompt, read_jsonl
+    from .errors import InputError
+
+    try:
+        return [x.prompt for x in read_jsonl(path, IFTExample)]
+    except InputError as first:
+        try:
+            return [x.text for x in read_jsonl(path, Prompt)]
+        except InputError:
+            raise first
+
+
+def cmd_prompts(args) -> int:
+    from .prompts import generate_prompts
+    from .seed import load_ift
+
+    config = _load(args)
+    pool = _seed_prompts(args.seed_prompts) if args.seed_prompts else [x.prompt for x in load_ift(config.data.ift)]
+    p = config.prompts
+    prompts, attempts = generate_prompts(
+        _generator(args, config), pool, args.out, iteration=args.iteration, num_prompts=args.num or p.num_prompts,
+        few_shot_human=p.few_shot_human, few_shot_model=p.few_shot_model, temperature=p.temperature, top_p=p.top_p,
+        max_new_tokens=p.max_new_tokens, min_words=p.min_words, max_words=p.max_words,
+        blocked_keywords=p.blocked_keywords, rouge_l_max=p.rouge_l_max,
+        max_attempts=int((args.num or p.num_prompts) * p.max_attempts_factor),
+        batch_size=config.generation.batch_size, seed=config.seed)
+    print(f"{len(prompts)} prompts kept of {len(attempts)} generated -> {args.out}")
+    return 0
+
+
+def cmd_respond(args) -> int:
+    from .candidates import respond
+    from .records import Prompt, read_jsonl
+
+    config = _load(args)
+    c = config.candidates
+    prompts = read_jsonl(args.prompts, Prompt)
+    out = respond(_generator(args, config), prompts, args.out, n=c.n, temperature=c.temperature, top_p=c.top_p,
+                  max_new_tokens=c.max_new_tokens, batch_size=config.generation.batch_size, seed=config.seed)
+    print(f"{len(out)} candidates ({sum(x.flagged for x in out)} flagged) -> {args.out}")
+    return 0
+
+
+def cmd_judge(args) -> int:
+    from .judging import judge, load_template
+    from .records import Candidate, Prompt, read_jsonl
+
+    config = _load(args)
+    j = config.judge
+    out = judge(_generator(args, config), read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate),
+                args.out, k=j.k, temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens,
+                template=load_template(j.template), batch_size=config.generation.batch_size, seed=config.seed)
+    failed = sum(x.score is None for x in out)
+    print(f"{len(out)} judgments, {failed} parse failures ({100 * failed / max(1, len(out)):.1f}%) -> {args.out}")
+    return 0
+
+
+def cmd_pairs(args) -> int:
+    from .pairs import select_pairs
+    from .records import Candidate, Judgment, Prompt, read_jsonl, write_jsonl
+
+    selection = select_pairs(read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate),
+                             read_jsonl(args.judgments, Judgment), exclude_flagged=not args.keep_flagged)
+    write_jsonl(args.out, selection.pairs)
+    dropped = ", ".join(f"{v} {k}" for k, v in selection.dropped.items()) or "none"
+    print(f"{len(selection.pairs)} pairs -> {args.out}; prompts dropped: {dropped}")
+    return 0
+
+
+def cmd_dpo(args) -> int:
+    from .dpo import train_dpo
+    from .records import Pair, read_jsonl
+
+    config = _load(args)
+    reference = _model_path(args.reference, config) if args.reference else None
+    out = train_dpo(_model_path(args.model, config), read_jsonl(args.pairs, Pair), args.out, config,
+                    reference_path=reference)
+    print(out)
+    return 0
+
+
+def cmd_config(args) -> int:
+    from .config import config_to_yaml, describe_fields
+
+    if args.list:
+        for key, default, help_text in describe_fields():
+            print(f"{key} = {default}\n    {help_text}")
+        return 0
+    print(config_to_yaml(_load(args)), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="srlm",
+        description="Self-Rewarding Language Models (Yuan et al., 2024): a model writes prompts, answers them, "
+                    "judges its answers, and trains on its own preferences with DPO.",
+        epilog=EPILOG,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    p = sub.add_parser("run", help="the whole method: M0 -> SFT -> M1 -> T self-rewarding iterations",
+                       description="Run the whole method (PAPER.md §2, §4): SFT on IFT+EFT gives M1; each iteration "
+                                   "M(t) writes prompts, answers each N times, judges each answer k times, keeps "
+                                   "best-vs-worst pairs and trains M(t+1) with DPO. Prints a summary table per "
+                                   "iteration.", epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("--out", type=Path, help="run directory (default: runs/<timestamp>)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR after its last complete stage")
+    p.add_argument("--ift", type=Path, help="your IFT seed JSONL instead of the shipped one")
+    p.add_argument("--eft", type=Path, help="your EFT seed JSONL instead of the shipped one")
+    _config_options(p)
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("sft", help="SFT a model on IFT (+EFT): M0 -> M1", epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("--model", required=True, help="model directory or embedded:smollm2-135m-instruct")
+    p.add_argument("--ift", type=Path, help="IFT JSONL (default: shipped seed)")
+    p.add_argument("--eft", type=Path, help="EFT JSONL (default: shipped seed)")
+    p.add_argument("--ift-only", action="store_true", help="train on IFT alone (the paper's SFT baseline)")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    _config_options(p)
+    p.set_defaults(func=cmd_sft)
+
+    p = sub.add_parser("prompts", help="generate new prompts few-shot, with Self-Instruct filters", epilog=EPILOG,
+                       formatter_class=fmt)
+    p.add_argument("--model", required=True)
+    p.add_argument("--seed-prompts", type=Path, help="JSONL of IFT examples or prompts for the few-shot pool "
+                                                     "(default: the IFT seed)")
+    p.add_argument("--num", type=int, help="prompts to keep (default: prompts.num_prompts)")
+    p.add_argument("--iteration", type=int, default=1, help="iteration number, used in record ids")
+    p.add_argument("--out", type=Path, required=True, help="prompts JSONL to write")
+    _config_options(p)
+    p.set_defaults(func=cmd_prompts)
+
+    p = sub.add_parser("respond", help="sample N candidate responses per prompt", epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="candidates JSONL to write")
+    _config_options(p)
+    p.set_defaults(func=cmd_respond)
+
+    p = sub.add_parser("judge", help="judge every candidate k times with the LLM-as-a-Judge prompt", epilog=EPILOG,
+                       formatter_class=fmt)
+    p.add_argument("--model", required=True)
+    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--candidates", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="judgments JSONL to write")
+    _config_options(p)
+    p.set_defaults(func=cmd_judge)
+
+    p = sub.add_parser("pairs", help="best-vs-worst preference pairs from judgments (ties dropped)",
+                       formatter_class=fmt)
+    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--candidates", type=Path, required=True)
+    p.add_argument("--judgments", type=Path, required=True)
+    p.add_argument("--keep-flagged", action="store_true", help="let candidates with judge-format text into pairs")
+    p.add_argument("--out", type=Path, required=True, help="pairs JSONL to write")
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("dpo", help="DPO-train M(t+1) from M(t) on preference pairs", epilog=EPILOG,
+                       formatter_class=fmt)
+    p.add_argument("--model", required=True, help="M(t)")
+    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--reference", help="reference model (default: M(t) itself)")
+    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    _config_options(p)
+    p.set_defaults(func=cmd_dpo)
+
+    p = sub.add_parser("config", help="print the resolved config, or list every key with --list",
+                       formatter_class=fmt)
+    p.add_argument("--list", action="store_true", help="every config key with its default and meaning")
+    _config_options(p)
+    p.set_defaults(func=cmd_config)
+    return parser
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    try:
+        import warnings
+
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        warnings.filterwarnings("ignore", category=UserWarning, module="trl")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    except ImportError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.func not in (cmd_pairs, cmd_config):
+        _quiet_libraries()
+    try:
+        return args.func(args)
+    except SrlmError as e:
+        print(f"srlm: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("srlm: interrupted; `srlm run --resume DIR` continues a run where it stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

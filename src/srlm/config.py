@@ -1,0 +1,265 @@
+"""One typed, validated configuration tree for a whole run.
+
+Defaults are the paper's (PAPER.md section cited on each field); presets (YAML files in `srlm/presets/`)
+override them for a setting such as `tiny` (the embedded model on a laptop CPU). A config is validated
+once, at the door: an unknown key, a wrong type or an out-of-range number stops the run before any work
+with a message that names the key. The resolved config is saved next to every run.
+"""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(
+        EMBEDDED_MODEL,
+        description="M0: 'embedded:smollm2-135m-instruct' (shipped, offline), a local Hugging Face model "
+        "directory, or a hub id (needs allow_online).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights and compute dtype; auto = bf16 on GPUs that support it, fp32 on CPU."
+    )
+    trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model (off: safe default).")
+    allow_online: bool = Field(False, description="Allow downloads from the Hugging Face hub (off: offline by default).")
+
+
+class DataConfig(Section):
+    ift: Path | None = Field(None, description="IFT seed JSONL (id, prompt, response); default: the shipped seed.")
+    eft: Path | None = Field(None, description="EFT seed JSONL (id, prompt, response, judgment, score); default: shipped.")
+    ift_limit: int | None = Field(None, ge=1, description="Use at most this many IFT examples (None: all).")
+    eft_limit: int | None = Field(None, ge=1, description="Use at most this many EFT examples (None: all).")
+
+
+class GenerationConfig(Section):
+    backend: Literal["hf"] = Field("hf", description="Generation backend for every sampling stage.")
+    batch_size: int = Field(16, ge=1, description="Sequences per forward pass when sampling.")
+
+
+class SFTConfig(Section):
+    learning_rate: float = Field(5.5e-6, gt=0, description="Peak LR (PAPER.md §4: 5.5e-6).")
+    min_learning_rate: float = Field(1.1e-6, ge=0, description="LR at the end of the decay (PAPER.md §4: 1.1e-6).")
+    batch_size: int = Field(16, ge=1, description="Effective batch size (PAPER.md §4: 16).")
+    micro_batch_size: int = Field(4, ge=1, description="Sequences per device step; the rest is gradient accumulation.")
+    epochs: float = Field(1.0, gt=0, description="Passes over IFT+EFT (paper: unknown).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (PAPER.md §4: 0.1).")
+    max_length: int = Field(2048, ge=16, description="Tokens per training sequence; longer ones are truncated.")
+    save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (resume point).")
+
+
+class PromptsConfig(Section):
+    num_prompts: int = Field(64, ge=1, description="New prompts to keep per iteration (after filters).")
+    max_attempts_factor: float = Field(
+        4.0, ge=1, description="Give up after num_prompts x this many generations (filters may reject most)."
+    )
+    few_shot_human: int = Field(6, ge=0, description="Seed prompts per few-shot call (PAPER.md §4.1: 6).")
+    few_shot_model: int = Field(2, ge=0, description="Model-written prompts per few-shot call (PAPER.md §4.1: 2).")
+    temperature: float = Field(0.6, ge=0, description="PAPER.md §4.1: T=0.6.")
+    top_p: float = Field(0.9, gt=0, le=1, description="PAPER.md §4.1: top-p 0.9.")
+    max_new_tokens: int = Field(96, ge=1, description="Length cap of one generated prompt.")
+    rouge_l_max: float = Field(0.7, ge=0, le=1, description="Drop a prompt whose ROUGE-L to any existing one is above this (Self-Instruct).")
+    min_words: int = Field(3, ge=1, description="Drop prompts shorter than this many words.")
+    max_words: int = Field(150, ge=1, description="Drop prompts longer than this many words.")
+    blocked_keywords: list[str] = Field(
+        default_factory=lambda: ["image", "images", "picture", "photo", "graph", "file", "video", "draw",
+                                 "plot", "diagram", "map", "audio", "sound", "link", "url", "attached"],
+        description="Drop prompts asking for what a text model cannot see or make (Self-Instruct keyword filter).",
+    )
+
+
+class CandidatesConfig(Section):
+    n: int = Field(4, ge=2, description="Responses per prompt (PAPER.md §4.2: N=4).")
+    temperature: float = Field(0.7, ge=0, description="PAPER.md §4.2: T=0.7.")
+    top_p: float = Field(0.9, gt=0, le=1, description="PAPER.md §4.2: top-p 0.9.")
+    max_new_tokens: int = Field(512, ge=1, description="Length cap of one response.")
+
+
+class JudgeConfig(Section):
+    k: int = Field(3, ge=1, description="Judgments per candidate, averaged (PAPER.md §4.3: 3).")
+    temperature: float = Field(0.7, ge=0, description="Same sampling as candidates (PAPER.md §4.3).")
+    top_p: float = Field(0.9, gt=0, le=1, description="PAPER.md §4.3.")
+    max_new_tokens: int = Field(256, ge=8, description="Length cap of one judgment (the prompt asks for <=100 words).")
+    template: Path | None = Field(None, description="Judge prompt file with {prompt} and {response}; default: PAPER.md §3.")
+    max_failure_rate: float = Field(
+        0.5, ge=0, le=1, description="Stop the run when more judgments than this fail to parse (PAPER.md §7)."
+    )
+    saturation_warning: float = Field(0.5, ge=0, le=1, description="Warn when this share of scores is the maximum (5).")
+    exclude_flagged: bool = Field(True, description="Keep candidates containing judge-format text out of pairs.")
+
+
+class DPOConfig(Section):
+    beta: float = Field(0.1, gt=0, description="PAPER.md §4.5: beta 0.1.")
+    learning_rate: float = Field(1e-6, gt=0, description="PAPER.md §4.5: 1e-6.")
+    min_learning_rate: float = Field(1e-7, ge=0, description="PAPER.md §4.5: decays to 1e-7.")
+    batch_size: int = Field(16, ge=1, description="Effective batch size (PAPER.md §4.5: 16).")
+    micro_batch_size: int = Field(2, ge=1, description="Pairs per device step; the rest is gradient accumulation.")
+    epochs: float = Field(1.0, gt=0, description="Passes over the pairs (paper: unknown).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="PAPER.md §4.5: 0.1.")
+    reference: Literal["previous", "m1"] = Field(
+        "previous", description="Reference model: M(t) as in the paper, or a fixed M1."
+    )
+    max_length: int = Field(2048, ge=16, description="Tokens per prompt+response.")
+    save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (PAPER.md §4.5: 200).")
+
+
+class RunConfig(Section):
+    """Everything a run needs. `srlm run --set section.key=value` overrides any field."""
+
+    seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+    iterations: int = Field(2, ge=0, description="Self-rewarding iterations after M1 (2: M2 and M3).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    prompts: PromptsConfig = Field(default_factory=PromptsConfig)
+    candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.sft.min_learning_rate > self.sft.learning_rate:
+            raise ValueError("sft.min_learning_rate must not exceed sft.learning_rate")
+        if self.dpo.min_learning_rate > self.dpo.learning_rate:
+            raise ValueError("dpo.min_learning_rate must not exceed dpo.learning_rate")
+        if self.prompts.min_words > self.prompts.max_words:
+            raise ValueError("prompts.min_words must not exceed prompts.max_words")
+        if self.prompts.few_shot_human + self.prompts.few_shot_model == 0:
+            raise ValueError("prompts.few_shot_human + prompts.few_shot_model must be at least 1")
+        return self
+
+
+PRESETS = ("tiny", "paper")
+
+
+def preset_path(name: str) -> Path:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+    return Path(str(importlib.resources.files("srlm") / "presets" / f"{name}.yaml"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: invalid UTF-8 at byte {e.start}")
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}")
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections at the top level, found {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _apply_set(data: dict, assignment: str) -> dict:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set candidates.n=4")
+    key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    node: dict = {}
+    nested = node
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        nested[part] = {}
+        nested = nested[part]
+    nested[parts[-1]] = value
+    return _merge(data, node)
+
+
+def _explain(error: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for e in error.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            valid = ", ".join(sorted(section.model_fields)) if section else ""
+            lines.append(f"{key}: unknown key" + (f" (valid keys here: {valid})" if valid else ""))
+        else:
+            lines.append(f"{key}: {e['msg']} (found {e.get('input')!r})")
+    return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = RunConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return None
+        model = field.annotation
+    return model
+
+
+def load_config(
+    config_file: str | Path | None = None,
+    preset: str | None = None,
+    overrides: list[str] | None = None,
+) -> RunConfig:
+    """Resolve preset < config file < --set overrides into one validated RunConfig.
+
+    With neither a preset nor a config file, the `tiny` preset applies (the embedded model on a CPU)."""
+    data: dict[str, Any] = {}
+    sources = []
+    if preset is None and config_file is None:
+        preset = "tiny"
+    if preset is not None:
+        data = _read_yaml(preset_path(preset))
+        sources.append(f"preset {preset}")
+    if config_file is not None:
+        data = _merge(data, _read_yaml(Path(config_file)))
+        sources.append(str(config_file))
+    for assignment in overrides or []:
+        data = _apply_set(data, assignment)
+    if overrides:
+        sources.append("--set")
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, " + ".join(sources) or "defaults")
+
+
+def config_to_yaml(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every leaf field: the source of `srlm config --help`-style listings."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.extend(describe_fields(ann, f"{prefix}{name}."))
+        else:
+            default = field.default_factory() if field.default_factory else field.default
+            rows.append((f"{prefix}{name}", repr(default), field.description or ""))
+    return rows

@@ -1,0 +1,59 @@
+"""DPO (PAPER.md §4.5): M(t+1) is M(t) trained on AIFT(M(t)), the pairs M(t) made and judged itself.
+
+The reference model is M(t) (the paper) or, with `dpo.reference: m1`, a fixed M1. Reference
+log-probabilities are computed once before training (they never change), so the reference model is not
+kept in memory during training. Resumable from the last Trainer checkpoint in `<out>.work/`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from .records import Pair
+
+
+def dpo_rows(pairs: Sequence[Pair]) -> list[dict]:
+    return [
+        {
+            "prompt": [{"role": "user", "content": p.prompt}],
+            "chosen": [{"role": "assistant", "content": p.chosen}],
+            "rejected": [{"role": "assistant", "content": p.rejected}],
+        }
+        for p in pairs
+    ]
+
+
+def train_dpo(
+    model_path: Path | str,
+    pairs: Sequence[Pair],
+    out_dir: Path,
+    config,
+    *,
+    reference_path: Path | str | None = None,
+) -> Path:
+    """Train M(t+1) from `model_path` = M(t) on `pairs`; save to `out_dir`. Reference: `reference_path` or M(t)."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from .models import load_model, load_tokenizer, pick_device
+    from .training import finish, last_checkpoint, training_arguments
+
+    if not pairs:
+        raise ValueError("DPO needs at least one preference pair")
+    device = pick_device(config.device)
+    work_dir = out_dir.with_name(out_dir.name + ".work")
+    tokenizer = load_tokenizer(model_path, config.model)
+    model = load_model(model_path, config.model, device, dropout=config.dpo.dropout)
+    ref_model = None
+    if reference_path is not None and Path(reference_path) != Path(model_path):
+        ref_model = load_model(reference_path, config.model, device).eval()
+    args = DPOConfig(
+        **training_arguments(config.dpo, work_dir=work_dir, device=device, seed=config.seed, n_examples=len(pairs)),
+        beta=config.dpo.beta,
+        precompute_ref_log_probs=True,
+        disable_dropout=config.dpo.dropout == 0,
+    )
+    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(dpo_rows(pairs)),
+                         processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
+    return finish(trainer, tokenizer, out_dir, work_dir)

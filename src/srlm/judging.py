@@ -1,0 +1,161 @@
+"""LLM-as-a-Judge: the paper's additive 5-point prompt, score parsing, and the judging stage.
+
+PAPER.md §3 gives the prompt; §4.3 says each candidate is judged k=3 times with sampling and the parsed
+scores are averaged; §7 says what goes wrong: a judgment that cannot be parsed is a failure, counted and
+reported, and never turned into a score (re-implementations that map failures to 0 teach the model that
+whatever confused the judge is "rejected").
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .backends import Generator, SamplingParams, batch_params, plan_batches
+from .errors import ConfigError
+from .records import Candidate, Judgment, Prompt, RecordLog
+
+INSTRUCTION_SLOT = "<INSTRUCTION_HERE>"
+RESPONSE_SLOT = "<RESPONSE_HERE>"
+
+# PAPER.md §3 (paper Figure 2), verbatim.
+PAPER_TEMPLATE = """Review the user's question and the corresponding response using the additive 5-point
+scoring system described below. Points are accumulated based on the satisfaction of each
+criterion:
+- Add 1 point if the response is relevant and provides some information related to
+the user's inquiry, even if it is incomplete or contains some irrelevant content.
+- Add another point if the response addresses a substantial portion of the user's question,
+but does not completely resolve the query or provide a direct answer.
+- Award a third point if the response answers the basic elements of the user's question in a
+useful way, regardless of whether it seems to have been written by an AI Assistant or if it
+has elements typically found in blogs or search results.
+- Grant a fourth point if the response is clearly written from an AI Assistant's perspective,
+addressing the user's question directly and comprehensively, and is well-organized and
+helpful, even if there is slight room for improvement in clarity, conciseness or focus.
+- Bestow a fifth point for a response that is impeccably tailored to the user's question
+by an AI Assistant, without extraneous information, reflecting expert knowledge, and
+demonstrating a high-quality, engaging, and insightful answer.
+
+User: <INSTRUCTION_HERE>
+<response><RESPONSE_HERE></response>
+
+After examining the user's instruction and the response:
+- Briefly justify your total score, up to 100 words.
+- Conclude with the score using the format: "Score: <total points>"
+
+Remember to assess from the AI Assistant perspective, utilizing web search knowledge as
+necessary. To evaluate the response in alignment with this additive scoring model, we'll
+systematically attribute points based on the outlined criteria."""
+
+MAX_SCORE = 5.0
+
+
+def load_template(path: Path | None) -> str:
+    if path is None:
+        return PAPER_TEMPLATE
+    try:
+        template = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"judge.template={path}: cannot read the judge prompt: {e}")
+    missing = [slot for slot in (INSTRUCTION_SLOT, RESPONSE_SLOT) if slot not in template]
+    if missing:
+        raise ConfigError(f"{path}: judge template lacks {' and '.join(missing)} (where the prompt and the response go)")
+    return template
+
+
+def fill(template: str, prompt: str, response: str) -> str:
+    # str.replace, not str.format: prompts and responses contain braces (code, JSON).
+    return template.replace(INSTRUCTION_SLOT, prompt).replace(RESPONSE_SLOT, response)
+
+
+def judge_request(template: str, prompt: str, response: str) -> list[dict]:
+    return [{"role": "user", "content": fill(template, prompt, response)}]
+
+
+_NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
+# "Score: 4", "**Score:** 4", "score = 4.5", "Score: 4/5", "Total score: 3 points", "Score: four".
+_SCORE = re.compile(
+    r"score[*_\s]*[:=][*_\s]*(?P<value>\d+(?:\.\d+)?|zero|one|two|three|four|five)\b"
+    r"(?:\s*(?:/|out\s+of)\s*(?P<scale>\d+))?",
+    re.IGNORECASE,
+)
+
+
+def parse_score(text: str) -> tuple[float | None, str | None]:
+    """The score a judgment concludes with, or (None, reason) when it has none that is valid.
+
+    The last "Score: N" wins (the prompt asks to conclude with it; earlier mentions are often quotes of the
+    rubric). A score out of another scale ("8/10") or out of [0, 5] is a failure, not rescaled or clipped:
+    the judge did not follow the rubric.
+    """
+    matches = list(_SCORE.finditer(text))
+    if not matches:
+        if re.search(r"score\s*:\s*<", text, re.IGNORECASE):
+            return None, "placeholder copied from the prompt instead of a score"
+        return None, "no 'Score: N' found"
+    match = matches[-1]
+    raw = match.group("value").lower()
+    value = float(_NUMBER_WORDS.get(raw, raw))
+    scale = match.group("scale")
+    if scale is not None and float(scale) != MAX_SCORE:
+        return None, f"score on another scale ({raw}/{scale})"
+    if not 0 <= value <= MAX_SCORE:
+        return None, f"score {raw} outside [0, 5]"
+    return value, None
+
+
+# Text a judge could mistake for its own verdict (PAPER.md §7, reward hacking).
+_GAMING = re.compile(
+    r"score\s*:\s*\d|additive 5-point|bestow a fifth point|<total points>|\bscore of 5\b", re.IGNORECASE
+)
+
+
+def contains_judge_text(response: str) -> bool:
+    return bool(_GAMING.search(response))
+
+
+def judge(
+    generator: Generator,
+    prompts: Sequence[Prompt],
+    candidates: Sequence[Candidate],
+    out_path: Path,
+    *,
+    k: int = 3,
+    temperature: float = 0.7,
+    top_p: float = 0.9,
+    max_new_tokens: int = 256,
+    template: str = PAPER_TEMPLATE,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> list[Judgment]:
+    """Judge every candidate k times: `candidates.jsonl` -> `judgments.jsonl` (PAPER.md §4.3).
+
+    Resumable per batch: judgments already in `<out>.partial` are kept and not sampled again. Every
+    judgment is written, parsed or not; failures carry `score=None` and the reason in `error`.
+    """
+    by_id = {p.id: p for p in prompts}
+    work = [(c, s) for c in candidates for s in range(k)]
+    log = RecordLog(out_path, Judgment)
+    batches = plan_batches(work, lambda cs: len(cs[0].text) + len(by_id[cs[0].prompt_id].text), batch_size)
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
+    for index, batch in enumerate(batches):
+        ids = [f"{c.id}-j{s}" for c, s in batch]
+        if all(i in log.done for i in ids):
+            if progress:
+                progress.update(len(batch))
+            continue
+        requests = [judge_request(template, by_id[c.prompt_id].text, c.text) for c, _ in batch]
+        outputs = generator.generate(requests, batch_params(params, index))
+        records = []
+        for jid, (c, s), out in zip(ids, batch, outputs):
+            score, error = parse_score(out.text)
+            if score is None and out.truncated:
+                error = f"{error} (cut off at max_new_tokens)"
+            records.append(Judgment(id=jid, candidate_id=c.id, prompt_id=c.prompt_id, sample=s, text=out.text,
+                                    score=score, error=error))
+        log.append(records)
+        if progress:
+            progress.update(len(batch))
+    order = {f"{c.id}-j{s}": n for n, (c, s) in enumerate(work)}
+    return sorted(log.finish(), key=lambda j: order.get(j.id, len(order)))

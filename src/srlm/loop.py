@@ -1,0 +1,232 @@
+"""`srlm run`: the whole method, M0 -> M1 -> M2 -> ... (PAPER.md §2 and §4), as a sequence of stages.
+
+    seed         validate the IFT/EFT seed and snapshot it into the run directory
+    sft          M1 = SFT(M0, IFT + EFT)
+    iteration t = 1..T, with the current model M(t):
+      prompts      new prompts, few-shot from the IFT prompts (and M(t)'s own), filtered
+      candidates   N responses per prompt
+      judgments    k judgments per candidate with the paper's judge prompt
+      pairs        best vs worst per prompt, ties dropped       -> AIFT(M(t))
+      dpo          M(t+1) = DPO(M(t), AIFT(M(t)))
+
+Every stage reads and writes files in the run directory and is marked complete in the manifest only once
+its outputs are whole, so `srlm run --resume RUN` continues after the last complete stage (and inside a
+generation stage, after the last batch written; inside training, from the last Trainer checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from . import models
+from .backends import make_generator
+from .candidates import respond
+from .config import RunConfig, config_to_yaml
+from .dpo import train_dpo
+from .errors import JudgeIntegrityError, RunDirError
+from .judging import judge, load_template
+from .pairs import select_pairs
+from .prompts import PromptAttempt, generate_prompts
+from .records import (Candidate, EFTExample, IFTExample, Judgment, Pair, Prompt, atomic_write_text, read_jsonl,
+                      write_jsonl)
+from .rundir import RunDir
+from .seed import load_eft, load_ift
+from .sft import train_sft
+from .summary import format_table, iteration_stats
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@contextmanager
+def _bar(total: int, desc: str):
+    bar = tqdm(total=total, desc=desc, unit="", dynamic_ncols=True, file=sys.stderr)
+    try:
+        yield bar
+    finally:
+        bar.close()
+
+
+class Run:
+    """One run directory and the config it was made with; `execute()` runs every stage not yet complete."""
+
+    def __init__(self, config: RunConfig, root: Path, *, resume: bool = False):
+        self.config = config
+        self.dir = RunDir(root)
+        if resume:
+            self.dir.open()
+            saved = self.dir.config_path.read_text(encoding="utf-8")
+            if saved != config_to_yaml(config):
+                raise RunDirError(
+                    f"{root}: this run was made with a different config than the one given now; resume it without "
+                    f"--config/--preset/--set (its own {self.dir.config_path} is used), or start a new run"
+                )
+        else:
+            self.dir.create(config)
+        self.template = load_template(config.judge.template)
+        self._generator = None
+        self._generator_model: Path | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------------
+    def _stage(self, name: str, work, load):
+        """Run `work()` unless the manifest says `name` is complete; either way return `load()`."""
+        if self.dir.is_complete(name):
+            say(f"[srlm] {name}: complete, skipped")
+            return load()
+        say(f"[srlm] {name} ...")
+        start = time.time()
+        counts = work()
+        self.dir.mark_complete(name, time.time() - start, counts or {})
+        return load()
+
+    def _generator_for(self, model_path: Path):
+        if self._generator_model != model_path:
+            self._release_generator()
+            self._generator = make_generator(self.config, model_path)
+            self._generator_model = model_path
+        return self._generator
+
+    def _release_generator(self) -> None:
+        self._generator = None
+        self._generator_model = None
+        import gc
+
+        gc.collect()
+
+    # -- stages ----------------------------------------------------------------------------------------
+    def seed_stage(self) -> tuple[list[IFTExample], list[EFTExample]]:
+        data = self.config.data
+
+        def work():
+            ift = load_ift(data.ift, data.ift_limit)
+            eft = load_eft(data.eft, data.eft_limit)
+            write_jsonl(self.dir.data("ift"), ift)
+            write_jsonl(self.dir.data("eft"), eft)
+            return {"ift": len(ift), "eft": len(eft)}
+
+        return self._stage("seed", work, lambda: (read_jsonl(self.dir.data("ift"), IFTExample),
+                                                  read_jsonl(self.dir.data("eft"), EFTExample)))
+
+    def sft_stage(self, ift, eft) -> Path:
+        out = self.dir.model(1)
+
+        def work():
+            m0 = models.resolve(self.config.model)
+            train_sft(m0, ift, eft, out, self.config, template=self.template)
+            return {"examples": len(ift) + len(eft)}
+
+        return self._stage("sft", work, lambda: out)
+
+    def iteration(self, t: int, seed_prompts: list[str]) -> dict:
+        cfg, folder, model_t = self.config, self.dir.iteration(t), self.dir.model(t)
+        seed = cfg.seed + 1000 * t
+        bs = cfg.generation.batch_size
+
+        def prompts_work():
+            with _bar(cfg.prompts.num_prompts, f"iter {t} prompts") as bar:
+                p = cfg.prompts
+                prompts, attempts = generate_prompts(
+                    self._generator_for(model_t), seed_prompts, folder / "prompts.jsonl", iteration=t,
+                    num_prompts=p.num_prompts, few_shot_human=p.few_shot_human, few_shot_model=p.few_shot_model,
+                    temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
+                    min_words=p.min_words, max_words=p.max_words, blocked_keywords=p.blocked_keywords,
+                    rouge_l_max=p.rouge_l_max, max_attempts=int(p.num_prompts * p.max_attempts_factor),
+                    batch_size=bs, seed=seed, progress=bar)
+            if not prompts:
+                raise JudgeIntegrityError(f"iteration {t}: every generated prompt was filtered out "
+                                          f"({folder / 'prompts_attempts.jsonl'} says why)")
+            return {"generated": len(attempts), "kept": len(prompts)}
+
+        prompts = self._stage(f"iter_{t}.prompts", prompts_work,
+                              lambda: read_jsonl(folder / "prompts.jsonl", Prompt))
+
+        def candidates_work():
+            c = cfg.candidates
+            with _bar(len(prompts) * c.n, f"iter {t} candidates") as bar:
+                out = respond(self._generator_for(model_t), prompts, folder / "candidates.jsonl", n=c.n,
+                              temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+                              batch_size=bs, seed=seed + 1, progress=bar)
+            return {"candidates": len(out), "flagged": sum(x.flagged for x in out)}
+
+        candidates = self._stage(f"iter_{t}.candidates", candidates_work,
+                                 lambda: read_jsonl(folder / "candidates.jsonl", Candidate))
+
+        def judgments_work():
+            j = cfg.judge
+            with _bar(len(candidates) * j.k, f"iter {t} judgments") as bar:
+                out = judge(self._generator_for(model_t), prompts, candidates, folder / "judgments.jsonl", k=j.k,
+                            temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens,
+                            template=self.template, batch_size=bs, seed=seed + 2, progress=bar)
+            failed = sum(x.score is None for x in out)
+            return {"judgments": len(out), "parse_failures": failed}
+
+        judgments = self._stage(f"iter_{t}.judgments", judgments_work,
+                                lambda: read_jsonl(folder / "judgments.jsonl", Judgment))
+        self._release_generator()
+        self._check_judge(t, judgments)
+
+        selection = select_pairs(prompts, candidates, judgments, exclude_flagged=cfg.judge.exclude_flagged)
+
+        def pairs_work():
+            write_jsonl(folder / "pairs.jsonl", selection.pairs)
+            return {"pairs": len(selection.pairs), **{f"dropped: {k}": v for k, v in selection.dropped.items()}}
+
+        pairs = self._stage(f"iter_{t}.pairs", pairs_work,
+                            lambda: read_jsonl(folder / "pairs.jsonl", Pair, allow_empty=True))
+
+        def dpo_work():
+            if not pairs:
+                raise JudgeIntegrityError(
+                    f"iteration {t}: no preference pairs (every prompt tied or lacked two judged candidates); "
+                    f"see {folder / 'judgments.jsonl'}. More prompts (prompts.num_prompts), more candidates "
+                    "(candidates.n) or more judgments (judge.k) make ties rarer")
+            reference = self.dir.model(1) if cfg.dpo.reference == "m1" else None
+            train_dpo(model_t, pairs, self.dir.model(t + 1), cfg, reference_path=reference)
+            return {"pairs": len(pairs)}
+
+        self._stage(f"iter_{t}.dpo", dpo_work, lambda: self.dir.model(t + 1))
+        attempts = read_jsonl(folder / "prompts_attempts.jsonl", PromptAttempt)
+        return iteration_stats(attempts, candidates, judgments, selection, len(prompts))
+
+    def _check_judge(self, t: int, judgments: list[Judgment]) -> None:
+        """PAPER.md §7: stop rather than train on a judge that does not follow the format, and flag saturation."""
+        if not judgments:
+            return
+        failures = sum(j.score is None for j in judgments) / len(judgments)
+        if failures > self.config.judge.max_failure_rate:
+            raise JudgeIntegrityError(
+                f"iteration {t}: {100 * failures:.1f}% of judgments did not parse (limit "
+                f"judge.max_failure_rate={self.config.judge.max_failure_rate}); the judge does not follow the "
+                "'Score: N' format well enough to train on. More EFT data or SFT epochs usually fix it; "
+                f"see {self.dir.iteration(t) / 'judgments.jsonl'} for what it wrote")
+        valid = [j.score for j in judgments if j.score is not None]
+        share = sum(s == 5 for s in valid) / len(valid) if valid else 0.0
+        if share > self.config.judge.saturation_warning:
+            say(f"[srlm] warning: iteration {t}: {100 * share:.0f}% of scores are 5 (judge saturation, PAPER.md §7)")
+
+    # -- the whole run ---------------------------------------------------------------------------------
+    def execute(self) -> dict:
+        start = time.time()
+        ift, eft = self.seed_stage()
+        self.sft_stage(ift, eft)
+        seed_prompts = [x.prompt for x in ift]
+        per_iteration = {t: self.iteration(t, seed_prompts) for t in range(1, self.config.iterations + 1)}
+        summary = {"iterations": per_iteration, "models": [str(self.dir.model(t)) for t in
+                                                           range(1, self.config.iterations + 2)],
+                   "seconds_this_session": round(time.time() - start, 1)}
+        atomic_write_text(self.dir.root / "summary.json", json.dumps(summary, indent=2) + "\n")
+        if per_iteration:
+            print(format_table(per_iteration))
+        print(f"\nmodels: {', '.join(summary['models'])}")
+        return summary
+
+
+def run(config: RunConfig, out: Path, *, resume: bool = False) -> dict:
+    """Run (or resume) the whole method into `out`; returns the summary also written to `out/summary.json`."""
+    return Run(config, out, resume=resume).execute()

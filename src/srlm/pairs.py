@@ -1,0 +1,79 @@
+"""Pair selection (PAPER.md §4.4): best- vs worst-judged candidate of each prompt; ties dropped.
+
+A pure function over records, tested without a model. Every prompt that yields no pair gets a reason,
+so the summary can say how many were lost to ties, to judge failures, and to flagged candidates.
+"""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from statistics import mean
+
+from .records import Candidate, Judgment, Pair, Prompt
+
+TIE = "tie"
+TOO_FEW_JUDGED = "fewer than 2 candidates with a valid judgment"
+
+
+@dataclass
+class PairSelection:
+    pairs: list[Pair]
+    dropped: Counter = field(default_factory=Counter)  # reason -> number of prompts
+    mean_scores: dict[str, float] = field(default_factory=dict)  # candidate id -> mean valid score
+
+
+def candidate_scores(judgments: Sequence[Judgment]) -> dict[str, float]:
+    """Mean of the parsed scores of each candidate; candidates whose judgments all failed are absent."""
+    scores: dict[str, list[float]] = defaultdict(list)
+    for j in judgments:
+        if j.score is not None:
+            scores[j.candidate_id].append(j.score)
+    return {cid: mean(values) for cid, values in scores.items()}
+
+
+def select_pairs(
+    prompts: Sequence[Prompt],
+    candidates: Sequence[Candidate],
+    judgments: Sequence[Judgment],
+    *,
+    exclude_flagged: bool = True,
+) -> PairSelection:
+    """One pair per prompt: chosen = highest mean score, rejected = lowest; dropped on a tie.
+
+    A candidate takes part only with at least one parsed judgment (a failure is not a score) and, with
+    `exclude_flagged`, only if it contains no judge-format text. Among equal top (or bottom) scores the
+    lowest candidate index wins, so selection is deterministic.
+    """
+    means = candidate_scores(judgments)
+    by_prompt: dict[str, list[Candidate]] = defaultdict(list)
+    for c in candidates:
+        by_prompt[c.prompt_id].append(c)
+    selection = PairSelection(pairs=[], mean_scores=means)
+    for prompt in prompts:
+        pool = sorted(by_prompt.get(prompt.id, []), key=lambda c: c.index)
+        if exclude_flagged:
+            pool = [c for c in pool if not c.flagged]
+        scored = [c for c in pool if c.id in means]
+        if len(scored) < 2:
+            selection.dropped[TOO_FEW_JUDGED] += 1
+            continue
+        best = max(scored, key=lambda c: (means[c.id], -c.index))
+        worst = min(scored, key=lambda c: (means[c.id], c.index))
+        if means[best.id] == means[worst.id]:
+            selection.dropped[TIE] += 1
+            continue
+        selection.pairs.append(
+            Pair(
+                id=f"{prompt.id}-pair",
+                prompt_id=prompt.id,
+                prompt=prompt.text,
+                chosen_id=best.id,
+                rejected_id=worst.id,
+                chosen=best.text,
+                rejected=worst.text,
+                chosen_score=means[best.id],
+                rejected_score=means[worst.id],
+            )
+        )
+    return selection

@@ -1,0 +1,156 @@
+"""Prompt generation (PAPER.md §4.1): new prompts by few-shot prompting, Self-Instruct style.
+
+Each call shows the model 8 example tasks (paper: 6 from the human seed, 2 written by the model in this
+iteration) and lets it continue the list with one more. The result passes the Self-Instruct filters:
+length bounds, a keyword filter for tasks a text model cannot do, and ROUGE-L similarity to every prompt
+already known (drop if > 0.7). Every attempt is recorded with its fate, so the summary can say how many
+were generated, kept, and dropped for which reason.
+"""
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+
+from .backends import Generator, SamplingParams, batch_params
+from .records import Prompt, Record, RecordLog, write_jsonl
+
+HEADER = "Come up with a series of tasks and questions for an AI assistant. Write only the task, on one line.\n\n"
+
+
+class PromptAttempt(Record):
+    """One generated prompt and what the filters made of it (`reason` is None when kept)."""
+
+    id: str
+    text: str
+    kept: bool
+    reason: str | None = None
+
+
+def few_shot_request(examples: Sequence[str]) -> str:
+    # A raw-text continuation, not a chat turn: even a small model continues a numbered list reliably.
+    lines = [f"Task {i}: {' '.join(e.split())}" for i, e in enumerate(examples, start=1)]
+    return HEADER + "\n".join(lines) + f"\nTask {len(examples) + 1}:"
+
+
+def clean(text: str) -> str:
+    text = text.strip()
+    text = re.sub(r"^(task\s*\d*\s*[:.)-]\s*)", "", text, flags=re.IGNORECASE)
+    return text.strip().strip('"').strip()
+
+
+@lru_cache(maxsize=1)
+def _scorer():
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+
+
+def rouge_l(a: str, b: str) -> float:
+    return _scorer().score(a, b)["rougeL"].fmeasure
+
+
+def filter_reason(
+    text: str,
+    existing: Sequence[str],
+    *,
+    min_words: int,
+    max_words: int,
+    blocked_keywords: Sequence[str],
+    rouge_l_max: float,
+) -> str | None:
+    """Why a generated prompt is dropped, or None to keep it (Self-Instruct's filters)."""
+    words = text.split()
+    if not words:
+        return "empty"
+    if len(words) < min_words:
+        return "too short"
+    if len(words) > max_words:
+        return "too long"
+    if not text[0].isalnum() and text[0] not in "\"'(¿¡":
+        return "starts with punctuation"
+    lowered = text.lower()
+    for keyword in blocked_keywords:
+        if re.search(rf"\b{re.escape(keyword.lower())}\b", lowered):
+            return "keyword filter"
+    for other in existing:
+        if lowered == other.lower():
+            return "duplicate"
+    for other in existing:
+        if rouge_l(text, other) > rouge_l_max:
+            return "too similar (ROUGE-L)"
+    return None
+
+
+def generate_prompts(
+    generator: Generator,
+    seed_prompts: Sequence[str],
+    out_path: Path,
+    *,
+    iteration: int,
+    num_prompts: int,
+    few_shot_human: int = 6,
+    few_shot_model: int = 2,
+    temperature: float = 0.6,
+    top_p: float = 0.9,
+    max_new_tokens: int = 96,
+    min_words: int = 3,
+    max_words: int = 150,
+    blocked_keywords: Sequence[str] = (),
+    rouge_l_max: float = 0.7,
+    max_attempts: int | None = None,
+    batch_size: int = 16,
+    seed: int = 0,
+    progress=None,
+) -> tuple[list[Prompt], list[PromptAttempt]]:
+    """Write `num_prompts` new prompts to `out_path` (and every attempt to `<stem>_attempts.jsonl`).
+
+    Resumable per batch of attempts; stops early (with fewer prompts) after `max_attempts` generations,
+    since a weak model may produce mostly near-duplicates.
+    """
+    if not seed_prompts:
+        raise ValueError("prompt generation needs at least one seed prompt for the few-shot examples")
+    attempts_path = out_path.with_name(out_path.stem + "_attempts.jsonl")
+    log = RecordLog(attempts_path, PromptAttempt)
+    max_attempts = max_attempts or num_prompts * 4
+    kept: list[str] = [a.text for a in log.records if a.kept]
+    known = list(seed_prompts) + kept
+    params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+                            stop=("\n",))
+    batch_index = 0
+    if progress:
+        progress.update(min(len(kept), num_prompts))
+    while len(kept) < num_prompts and batch_index * batch_size < max_attempts:
+        ids = [f"it{iteration}-a{batch_index * batch_size + i:06d}" for i in range(batch_size)]
+        if all(i in log.done for i in ids):
+            batch_index += 1
+            continue
+        rng = random.Random(seed * 7919 + iteration * 104729 + batch_index)
+        requests = []
+        for _ in ids:
+            own = rng.sample(kept, min(few_shot_model, len(kept)))
+            human = rng.sample(list(seed_prompts), min(few_shot_human + few_shot_model - len(own), len(seed_prompts)))
+            examples = human + own
+            rng.shuffle(examples)
+            requests.append(few_shot_request(examples))
+        outputs = generator.generate(requests, batch_params(params, batch_index))
+        records = []
+        for aid, out in zip(ids, outputs):
+            text = clean(out.text)
+            reason = "enough prompts already" if len(kept) >= num_prompts else filter_reason(
+                text, known, min_words=min_words, max_words=max_words, blocked_keywords=blocked_keywords,
+                rouge_l_max=rouge_l_max)
+            if reason is None:
+                kept.append(text)
+                known.append(text)
+                if progress:
+                    progress.update(1)
+            records.append(PromptAttempt(id=aid, text=text, kept=reason is None, reason=reason))
+        log.append(records)
+        batch_index += 1
+    attempts = log.finish()
+    prompts = [Prompt(id=f"it{iteration}-p{n:05d}", text=text, iteration=iteration) for n, text in enumerate(kept)]
+    write_jsonl(out_path, prompts)
+    return prompts, attempts

@@ -1,0 +1,266 @@
+"""The typed records that flow between stages, and the JSONL files that hold them.
+
+Every stage reads records and writes records (STYLE.md: files on disk are the interface). Ids link each
+record to its parents: a judgment names its candidate and prompt, a pair names the two candidates it
+was built from, so any number in a summary can be traced back to the text behind it.
+
+Writing is crash-safe in two ways:
+- `write_jsonl` writes a whole file atomically (temp file, fsync, rename): a reader sees all or nothing.
+- `RecordLog` appends records in batches to `<name>.partial` with fsync; a killed process loses at most
+  the batch in flight, a rerun skips the ids already there, and `finish()` renames the log to its final
+  name only once every record is in. A file without `.partial` is therefore always complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import InputError
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class IFTExample(Record):
+    """A human-written (prompt, response) pair: instruction fine-tuning data (PAPER.md §2)."""
+
+    id: str
+    prompt: str
+    response: str
+    category: str | None = None
+
+    _check = field_validator("id", "prompt", "response")(_non_empty)
+
+
+class EFTExample(Record):
+    """Judge training data (PAPER.md §2): the judge prompt is filled from `prompt` and `response` at
+    training time (so the template stays configurable); `judgment` is the target, ending in `Score: N`."""
+
+    id: str
+    prompt: str
+    response: str
+    judgment: str
+    score: int = Field(ge=0, le=5)
+
+    _check = field_validator("id", "prompt", "response", "judgment")(_non_empty)
+
+
+class Prompt(Record):
+    """A prompt the loop answers: written by the model in iteration `iteration` (or given by the user)."""
+
+    id: str
+    text: str
+    iteration: int
+    source: Literal["generated", "user"] = "generated"
+
+    _check = field_validator("id", "text")(_non_empty)
+
+
+class Candidate(Record):
+    """One of N sampled responses of M(t) to a prompt (PAPER.md §4.2)."""
+
+    id: str
+    prompt_id: str
+    index: int
+    text: str
+    n_tokens: int = 0
+    # Judge-format text inside a response ("Score: 5", the rubric's words) can game the judge (PAPER.md §7).
+    flagged: bool = False
+
+
+class Judgment(Record):
+    """One sampled judgment of a candidate (PAPER.md §4.3). `score` is None exactly when parsing failed:
+    a failure is never turned into a score."""
+
+    id: str
+    candidate_id: str
+    prompt_id: str
+    sample: int
+    text: str
+    score: float | None = None
+    error: str | None = None
+
+
+class Pair(Record):
+    """A preference pair for DPO (PAPER.md §4.4): the best- and worst-judged candidates of one prompt."""
+
+    id: str
+    prompt_id: str
+    prompt: str
+    chosen_id: str
+    rejected_id: str
+    chosen: str
+    rejected: str
+    chosen_score: float
+    rejected_score: float
+
+
+R = TypeVar("R", bound=Record)
+
+
+def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            yield number, raw
+
+
+def _describe(error: dict) -> tuple[str, str]:
+    field = ".".join(str(p) for p in error.get("loc", ())) or None
+    found = error.get("input")
+    message = error.get("msg", "invalid value")
+    if error.get("type") == "missing":
+        return field, "missing (required)"
+    if error.get("type") == "extra_forbidden":
+        return field, "unknown field (not part of the schema; check the spelling)"
+    shown = repr(found)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return field, f"{message}; found {shown}"
+
+
+def read_jsonl(path: str | os.PathLike, model: type[R], *, allow_empty: bool = False) -> list[R]:
+    """Read and validate every line of `path` as `model`.
+
+    Raises InputError naming the file, line and field on the first bad line (invalid UTF-8, invalid JSON,
+    a wrong type, a missing or unknown field) and on duplicate ids. Blank lines are skipped. An empty file
+    is an error unless `allow_empty` (a stage's output may legitimately hold no record, user input may not).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"file not found (expected a JSONL file of {model.__name__} records)", path=path)
+    if path.is_dir():
+        raise InputError(f"is a directory (expected a JSONL file of {model.__name__} records)", path=path)
+    records: list[R] = []
+    seen: dict[str, int] = {}
+    for number, raw in _iter_lines(path):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InputError(f"invalid UTF-8 at byte {e.start} (expected UTF-8 text)", path=path, line=number)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            hint = " (the line looks truncated)" if not line.endswith("\n") else ""
+            raise InputError(f"invalid JSON: {e.msg} at column {e.colno}{hint}", path=path, line=number)
+        if not isinstance(obj, dict):
+            raise InputError(f"expected a JSON object, found {type(obj).__name__}", path=path, line=number)
+        try:
+            record = model.model_validate(obj)
+        except ValidationError as e:
+            field, message = _describe(e.errors()[0])
+            raise InputError(message, path=path, line=number, field=field)
+        rid = getattr(record, "id", None)
+        if rid is not None:
+            if rid in seen:
+                raise InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", path=path, line=number,
+                                 field="id")
+            seen[rid] = number
+        records.append(record)
+    if not records and not allow_empty:
+        raise InputError(f"file is empty (expected at least one {model.__name__} record)", path=path)
+    return records
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `path` so that a crash leaves either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def dumps(record: Record) -> str:
+    return json.dumps(record.model_dump(mode="json"), ensure_ascii=False)
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
+    atomic_write_text(path, "".join(dumps(r) + "\n" for r in records))
+
+
+class RecordLog:
+    """Append-only, resumable record file: `<path>.partial` while being written, `<path>` once finished.
+
+    Opening an existing `.partial` keeps its complete lines (a line cut by a kill is dropped) and exposes
+    their ids in `done`, so a stage can skip work already done and never write a record twice.
+    """
+
+    def __init__(self, path: str | os.PathLike, model: type[R]):
+        self.path = Path(path)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.model = model
+        self.records: list[R] = []
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists() and not self.partial.exists():
+            # Reopened after it was finished (e.g. a crash before the stage's next output): keep everything.
+            os.replace(self.path, self.partial)
+        if self.partial.exists():
+            self._recover()
+        self.done = {r.id for r in self.records}
+
+    def _recover(self) -> None:
+        good = b""
+        with open(self.partial, "rb") as f:
+            for raw in f:
+                if not raw.endswith(b"\n"):
+                    break  # the write a kill interrupted
+                try:
+                    self.records.append(self.model.model_validate_json(raw))
+                except ValidationError:
+                    break
+                good += raw
+        # Rewrite without the torn tail so later appends start on a clean line.
+        with open(self.partial, "wb") as f:
+            f.write(good)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def append(self, records: Iterable[R]) -> None:
+        new = [r for r in records if r.id not in self.done]
+        if not new:
+            return
+        with open(self.partial, "a", encoding="utf-8") as f:
+            f.write("".join(dumps(r) + "\n" for r in new))
+            f.flush()
+            os.fsync(f.fileno())
+        self.records.extend(new)
+        self.done.update(r.id for r in new)
+
+    def finish(self) -> list[R]:
+        """Publish the file under its final name; from then on it counts as complete."""
+        if not self.partial.exists():
+            self.partial.write_text("", encoding="utf-8")
+        os.replace(self.partial, self.path)
+        _fsync_dir(self.path.parent)
+        return self.records

@@ -1,0 +1,109 @@
+"""The run directory: resolved config, manifest, and the paths of every artifact.
+
+    RUN/config.yaml                 the resolved config (what `--resume` runs with)
+    RUN/manifest.json               versions, seed, and per stage: status, counts, seconds
+    RUN/data/{ift,eft}.jsonl        the seed data this run trained on (a snapshot)
+    RUN/models/M1, M2, ...          checkpoints, Hugging Face layout, safetensors
+    RUN/iter_<t>/prompts.jsonl      AIFT data made by M(t): prompts, candidates, judgments, pairs
+    RUN/summary.json                the end-of-run summary
+
+A stage counts as complete only when the manifest says so, and the manifest is updated (atomically)
+after the stage's outputs are fully written and renamed into place.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib import metadata
+from pathlib import Path
+
+from .config import RunConfig, config_to_yaml
+from .errors import RunDirError
+from .records import atomic_write_text
+
+FORMAT_VERSION = 1
+TRACKED_PACKAGES = ("srlm", "torch", "transformers", "trl", "accelerate", "datasets", "pydantic")
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in TRACKED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # paths
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def model(self, t: int) -> Path:
+        return self.root / "models" / f"M{t}"
+
+    def iteration(self, t: int) -> Path:
+        return self.root / f"iter_{t}"
+
+    def data(self, name: str) -> Path:
+        return self.root / "data" / f"{name}.jsonl"
+
+    # lifecycle
+    def create(self, config: RunConfig) -> None:
+        if self.manifest_path.exists():
+            raise RunDirError(f"{self.root}: already holds a run; continue it with `srlm run --resume {self.root}` "
+                              "or choose another --out")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.config_path, config_to_yaml(config))
+        except OSError as e:
+            raise RunDirError(f"{self.root}: cannot write the run directory: {e.strerror or e}")
+        self.write_manifest({
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            "seed": config.seed,
+            "versions": versions(),
+            "stages": {},
+        })
+
+    def open(self) -> dict:
+        if not self.root.is_dir():
+            raise RunDirError(f"{self.root}: no such run directory")
+        if not self.manifest_path.exists():
+            raise RunDirError(f"{self.root}: not a srlm run directory (no manifest.json)")
+        try:
+            manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise RunDirError(f"{self.manifest_path}: unreadable manifest: {e}")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise RunDirError(f"{self.manifest_path}: made by a srlm with run format "
+                              f"{manifest.get('format_version')!r}; this srlm reads format {FORMAT_VERSION}")
+        return manifest
+
+    def read_manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text(encoding="utf-8"))
+
+    def write_manifest(self, manifest: dict) -> None:
+        try:
+            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
+        except OSError as e:
+            raise RunDirError(f"{self.manifest_path}: cannot write: {e.strerror or e}")
+
+    def is_complete(self, stage: str) -> bool:
+        return self.read_manifest()["stages"].get(stage, {}).get("status") == "complete"
+
+    def mark_complete(self, stage: str, seconds: float, counts: dict) -> None:
+        manifest = self.read_manifest()
+        manifest["stages"][stage] = {"status": "complete", "seconds": round(seconds, 2), "counts": counts,
+                                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        self.write_manifest(manifest)

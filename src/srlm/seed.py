@@ -1,0 +1,51 @@
+"""Seed data: the human-written IFT and EFT sets (PAPER.md §2), shipped with srlm or given by the user.
+
+Schemas (JSONL, one object a line; see `srlm/seed/README.md`):
+    IFT: {"id", "prompt", "response", "category"?}
+    EFT: {"id", "prompt", "response", "judgment", "score"}  -- judgment ends with "Score: N", N == score
+"""
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+
+from .errors import InputError
+from .judging import parse_score
+from .records import EFTExample, IFTExample, read_jsonl
+
+
+def shipped(name: str) -> Path:
+    return Path(str(importlib.resources.files("srlm") / "seed" / f"{name}.jsonl"))
+
+
+def load_ift(path: Path | None = None, limit: int | None = None) -> list[IFTExample]:
+    records = read_jsonl(path or shipped("ift"), IFTExample)
+    return records[:limit] if limit else records
+
+
+def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExample]:
+    path = path or shipped("eft")
+    records = read_jsonl(path, EFTExample)
+    for number, record in enumerate(records, start=1):
+        score, error = parse_score(record.judgment)
+        if error is not None:
+            raise InputError(f"record {record.id!r}: the judgment must end with 'Score: N' ({error})",
+                             path=path, field="judgment")
+        if score != record.score:
+            raise InputError(f"record {record.id!r}: judgment concludes 'Score: {score:g}' but score is {record.score}",
+                             path=path, field="score")
+    return balanced_head(records, limit) if limit else records
+
+
+def balanced_head(records: list[EFTExample], limit: int) -> list[EFTExample]:
+    """The first `limit` records taken round-robin over scores, so a small subset still teaches every score."""
+    by_score: dict[int, list[EFTExample]] = {}
+    for r in records:
+        by_score.setdefault(r.score, []).append(r)
+    out: list[EFTExample] = []
+    queues = [list(v) for _, v in sorted(by_score.items())]
+    while len(out) < limit and any(queues):
+        for q in queues:
+            if q and len(out) < limit:
+                out.append(q.pop(0))
+    return out

@@ -1,0 +1,59 @@
+"""SFT (PAPER.md §2): M0 fine-tuned on IFT + EFT gives M1 (on IFT alone: the SFT baseline).
+
+IFT examples train the answer to a prompt; EFT examples train the judgment of a (prompt, response) pair,
+asked with the judge prompt (PAPER.md §3). Loss is on the response tokens only (PAPER.md §4).
+Resumable: restarts from the last Trainer checkpoint in `<out>.work/`; `<out>` appears only when done.
+"""
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+from .judging import PAPER_TEMPLATE, judge_request
+from .records import EFTExample, IFTExample
+
+
+def sft_rows(ift: Sequence[IFTExample], eft: Sequence[EFTExample], template: str = PAPER_TEMPLATE,
+             seed: int = 0) -> list[dict]:
+    """Conversational prompt-completion rows (TRL's format), IFT and EFT shuffled together."""
+    rows = [
+        {"prompt": [{"role": "user", "content": x.prompt}], "completion": [{"role": "assistant", "content": x.response}]}
+        for x in ift
+    ] + [
+        {"prompt": judge_request(template, x.prompt, x.response),
+         "completion": [{"role": "assistant", "content": x.judgment}]}
+        for x in eft
+    ]
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def train_sft(
+    model_path: Path | str,
+    ift: Sequence[IFTExample],
+    eft: Sequence[EFTExample],
+    out_dir: Path,
+    config,
+    *,
+    template: str = PAPER_TEMPLATE,
+) -> Path:
+    """Train M1 from `model_path` on IFT+EFT and save it to `out_dir` (HF layout, safetensors)."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from .models import load_model, load_tokenizer, pick_device
+    from .training import finish, last_checkpoint, training_arguments
+
+    device = pick_device(config.device)
+    rows = sft_rows(ift, eft, template, config.seed)
+    work_dir = out_dir.with_name(out_dir.name + ".work")
+    tokenizer = load_tokenizer(model_path, config.model)
+    model = load_model(model_path, config.model, device, dropout=config.sft.dropout)
+    args = SFTConfig(
+        **training_arguments(config.sft, work_dir=work_dir, device=device, seed=config.seed, n_examples=len(rows)),
+        completion_only_loss=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
+    return finish(trainer, tokenizer, out_dir, work_dir)

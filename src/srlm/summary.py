@@ -1,0 +1,77 @@
+"""What a run reports per iteration (the end-of-run table): pure functions over the stage records."""
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from statistics import mean
+
+from .pairs import TIE, PairSelection
+from .records import Candidate, Judgment
+
+
+def iteration_stats(
+    attempts: Sequence, candidates: Sequence[Candidate], judgments: Sequence[Judgment], selection: PairSelection,
+    n_prompts: int,
+) -> dict:
+    valid = [j.score for j in judgments if j.score is not None]
+    failures = len(judgments) - len(valid)
+    by_id = {c.id: c for c in candidates}
+    chosen = [by_id[p.chosen_id] for p in selection.pairs if p.chosen_id in by_id]
+    rejected = [by_id[p.rejected_id] for p in selection.pairs if p.rejected_id in by_id]
+    histogram = Counter(str(int(s)) if float(s).is_integer() else f"{s:g}" for s in valid)
+    return {
+        "prompts_generated": len(attempts),
+        "prompts_kept": n_prompts,
+        "prompt_drop_reasons": dict(Counter(a.reason for a in attempts if not a.kept)),
+        "candidates": len(candidates),
+        "candidates_flagged": sum(c.flagged for c in candidates),
+        "judgments": len(judgments),
+        "parse_failures": failures,
+        "parse_failure_rate": failures / len(judgments) if judgments else 0.0,
+        "parse_failure_reasons": dict(Counter(j.error for j in judgments if j.error)),
+        "mean_score": mean(valid) if valid else None,
+        "score_histogram": dict(sorted(histogram.items())),
+        "max_score_share": sum(1 for s in valid if s == 5) / len(valid) if valid else 0.0,
+        "pairs": len(selection.pairs),
+        "ties_dropped": selection.dropped.get(TIE, 0),
+        "dropped_other": {k: v for k, v in selection.dropped.items() if k != TIE},
+        "mean_chosen_tokens": mean(c.n_tokens for c in chosen) if chosen else None,
+        "mean_rejected_tokens": mean(c.n_tokens for c in rejected) if rejected else None,
+        "mean_candidate_tokens": mean(c.n_tokens for c in candidates) if candidates else None,
+    }
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}:{v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+ROWS = [
+    ("prompts generated", lambda s: s["prompts_generated"]),
+    ("prompts kept by filters", lambda s: s["prompts_kept"]),
+    ("candidates (flagged)", lambda s: f"{s['candidates']} ({s['candidates_flagged']})"),
+    ("judgments", lambda s: s["judgments"]),
+    ("judge parse failures", lambda s: f"{s['parse_failures']} ({100 * s['parse_failure_rate']:.1f}%)"),
+    ("mean score", lambda s: _fmt(s["mean_score"])),
+    ("score distribution", lambda s: _fmt(s["score_histogram"])),
+    ("share of 5s", lambda s: f"{100 * s['max_score_share']:.1f}%"),
+    ("pairs kept", lambda s: s["pairs"]),
+    ("ties dropped", lambda s: s["ties_dropped"]),
+    ("other drops", lambda s: _fmt(s["dropped_other"])),
+    ("mean chosen / rejected tokens",
+     lambda s: f"{_fmt(s['mean_chosen_tokens'])} / {_fmt(s['mean_rejected_tokens'])}"),
+]
+
+
+def format_table(per_iteration: dict[int, dict]) -> str:
+    """A plain-text table, one column per iteration (AIFT(M1), AIFT(M2), ...)."""
+    headers = ["", *[f"AIFT(M{t})" for t in sorted(per_iteration)]]
+    body = [[label, *[str(fn(per_iteration[t])) for t in sorted(per_iteration)]] for label, fn in ROWS]
+    widths = [max(len(row[i]) for row in [headers, *body]) for i in range(len(headers))]
+    line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])

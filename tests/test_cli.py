@@ -1,0 +1,80 @@
+"""The command line: help that explains, and bad input refused with a message and a distinct exit code."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from srlm.cli import main
+
+
+def srlm(*args):
+    return subprocess.run([sys.executable, "-m", "srlm.cli", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("command", ["run", "sft", "prompts", "respond", "judge", "pairs", "dpo", "config"])
+def test_every_stage_has_help(command):
+    done = srlm(command, "--help")
+    assert done.returncode == 0
+    assert "usage: srlm " + command in done.stdout
+
+
+def test_config_list_explains_every_key(capsys):
+    assert main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "judge.k = 3\n    Judgments per candidate, averaged (PAPER.md §4.3: 3)." in out
+
+
+def test_config_prints_the_resolved_preset(capsys):
+    assert main(["config", "--preset", "paper", "--set", "candidates.n=5"]) == 0
+    out = capsys.readouterr().out
+    assert "  n: 5\n" in out and "num_prompts: 8000" in out
+
+
+def test_bad_config_exits_3(capsys):
+    assert main(["run", "--set", "judge.kk=3", "--out", "x"]) == 3
+    assert "judge.kk: unknown key" in capsys.readouterr().err
+
+
+def test_bad_seed_file_exits_4_naming_file_line_field(tmp_path, capsys):
+    bad = tmp_path / "ift.jsonl"
+    bad.write_text(json.dumps({"id": "1", "prompt": "Q", "response": "A"}) + "\n" + json.dumps({"id": "2", "prompt": 5, "response": "A"}) + "\n")
+    code = main(["run", "--ift", str(bad), "--out", str(tmp_path / "run")])
+    assert code == 4
+    assert f"{bad}:2: field 'prompt'" in capsys.readouterr().err
+
+
+def test_eft_judgment_must_match_its_score(tmp_path, capsys):
+    bad = tmp_path / "eft.jsonl"
+    bad.write_text(json.dumps({"id": "e", "prompt": "Q", "response": "A", "judgment": "Fine.\nScore: 4", "score": 2}) + "\n")
+    assert main(["run", "--eft", str(bad), "--out", str(tmp_path / "run")]) == 4
+    assert "judgment concludes 'Score: 4' but score is 2" in capsys.readouterr().err
+
+
+def test_hub_id_without_allow_online_exits_6(tmp_path, capsys):
+    assert main(["run", "--set", "model.name_or_path=someorg/some-model", "--out", str(tmp_path / "r")]) == 6
+    assert "set model.allow_online=true" in capsys.readouterr().err
+
+
+def test_resume_of_a_non_run_exits_5(tmp_path, capsys):
+    assert main(["run", "--resume", str(tmp_path)]) == 5
+    assert "not a srlm run directory" in capsys.readouterr().err
+
+
+def test_existing_run_is_not_overwritten(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("{}")
+    assert main(["run", "--out", str(tmp_path)]) == 5
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_pairs_stage_alone(tmp_path, capsys):
+    from srlm.records import Candidate, Judgment, Prompt, write_jsonl
+
+    write_jsonl(tmp_path / "p.jsonl", [Prompt(id="p", text="Q?", iteration=1)])
+    write_jsonl(tmp_path / "c.jsonl", [Candidate(id=f"c{i}", prompt_id="p", index=i, text=f"a{i}") for i in range(2)])
+    write_jsonl(tmp_path / "j.jsonl", [Judgment(id=f"j{i}", candidate_id=f"c{i}", prompt_id="p", sample=0, text="",
+                                                score=float(i)) for i in range(2)])
+    assert main(["pairs", "--prompts", str(tmp_path / "p.jsonl"), "--candidates", str(tmp_path / "c.jsonl"),
+                 "--judgments", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "pairs.jsonl")]) == 0
+    pair = json.loads((tmp_path / "pairs.jsonl").read_text())
+    assert (pair["chosen_id"], pair["rejected_id"]) == ("c1", "c0")

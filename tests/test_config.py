@@ -1,0 +1,64 @@
+import pytest
+
+from srlm.config import EMBEDDED_MODEL, RunConfig, describe_fields, load_config
+from srlm.errors import ConfigError
+
+
+def test_defaults_are_the_papers():
+    c = RunConfig()
+    assert (c.candidates.n, c.judge.k, c.candidates.temperature, c.candidates.top_p) == (4, 3, 0.7, 0.9)
+    assert (c.prompts.few_shot_human, c.prompts.few_shot_model, c.prompts.temperature) == (6, 2, 0.6)
+    assert (c.dpo.beta, c.dpo.learning_rate, c.dpo.min_learning_rate, c.dpo.batch_size) == (0.1, 1e-6, 1e-7, 16)
+    assert (c.sft.learning_rate, c.sft.min_learning_rate, c.sft.dropout) == (5.5e-6, 1.1e-6, 0.1)
+    assert c.prompts.rouge_l_max == 0.7 and c.dpo.reference == "previous"
+    assert c.model.name_or_path == EMBEDDED_MODEL and not c.model.allow_online and not c.model.trust_remote_code
+
+
+@pytest.mark.parametrize("preset", ["tiny", "paper"])
+def test_presets_load(preset):
+    assert isinstance(load_config(preset=preset), RunConfig)
+
+
+def test_no_preset_means_tiny():
+    assert load_config() == load_config(preset="tiny")
+
+
+def test_set_overrides_with_types():
+    c = load_config(overrides=["candidates.n=6", "judge.template=/tmp/t.txt", "prompts.blocked_keywords=[a, b]"])
+    assert c.candidates.n == 6 and str(c.judge.template) == "/tmp/t.txt" and c.prompts.blocked_keywords == ["a", "b"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("candidates.nn=4", "candidates.nn: unknown key (valid keys here: max_new_tokens, n, temperature, top_p)"),
+    ("judgee.k=3", "judgee: unknown key"),
+    ("candidates.n=1", "candidates.n: Input should be greater than or equal to 2"),
+    ("judge.k=three", "judge.k: Input should be a valid integer"),
+    ("dpo.reference=m7", "dpo.reference"),
+    ("sft.min_learning_rate=1", "sft.min_learning_rate must not exceed sft.learning_rate"),
+    ("candidates.n", "expected key=value"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert message in str(e.value)
+
+
+def test_unknown_preset_and_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config(preset="huge")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("candidates: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(listy)
+
+
+def test_every_field_has_help():
+    rows = describe_fields()
+    assert len(rows) > 40
+    assert all(help_text for _, _, help_text in rows)

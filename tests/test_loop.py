@@ -1,0 +1,118 @@
+"""The whole loop on a tiny random model: artifacts, summary, and resume after a crash mid-stage."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from conftest import tiny_overrides
+from srlm.backends import HFGenerator
+from srlm.config import load_config
+from srlm.loop import run
+from srlm.records import Candidate, Judgment, Pair, Prompt, read_jsonl
+
+STAGE_FILES = ["prompts.jsonl", "prompts_attempts.jsonl", "candidates.jsonl", "judgments.jsonl", "pairs.jsonl"]
+
+
+def artifacts(root: Path) -> dict:
+    out = {}
+    for t in (1, 2):
+        for name in STAGE_FILES:
+            out[f"iter_{t}/{name}"] = (root / f"iter_{t}" / name).read_text()
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_model, tmp_path_factory):
+    from conftest import FIXTURES
+
+    root = tmp_path_factory.mktemp("ref") / "run"
+    config = load_config(overrides=tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl"))
+    summary = run(config, root)
+    return root, summary, config
+
+
+def test_run_leaves_every_artifact_linked_by_ids(reference_run):
+    root, summary, _ = reference_run
+    for t in (1, 2, 3):
+        model = AutoModelForCausalLM.from_pretrained(root / "models" / f"M{t}")
+        assert model.config.model_type == "llama"
+        assert (root / "models" / f"M{t}" / "model.safetensors").exists()
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert all(s["status"] == "complete" for s in manifest["stages"].values())
+    assert set(manifest["stages"]) == {"seed", "sft"} | {f"iter_{t}.{s}" for t in (1, 2)
+                                                         for s in ("prompts", "candidates", "judgments", "pairs", "dpo")}
+    assert manifest["versions"]["trl"] and manifest["seed"] == 0
+    for t in (1, 2):
+        folder = root / f"iter_{t}"
+        prompts = {p.id for p in read_jsonl(folder / "prompts.jsonl", Prompt)}
+        candidates = read_jsonl(folder / "candidates.jsonl", Candidate)
+        judgments = read_jsonl(folder / "judgments.jsonl", Judgment)
+        pairs = read_jsonl(folder / "pairs.jsonl", Pair, allow_empty=True)
+        assert len(candidates) == 3 * len(prompts) and len(judgments) == 2 * len(candidates)
+        assert {c.prompt_id for c in candidates} == prompts
+        assert {j.candidate_id for j in judgments} == {c.id for c in candidates}
+        by_id = {c.id: c for c in candidates}
+        for p in pairs:
+            assert by_id[p.chosen_id].text == p.chosen and by_id[p.rejected_id].text == p.rejected
+            assert p.chosen_score > p.rejected_score
+        stats = summary["iterations"][t]
+        assert stats["pairs"] == len(pairs) > 0
+        assert stats["judgments"] == len(judgments)
+        assert stats["parse_failures"] == sum(j.score is None for j in judgments)
+    assert (root / "config.yaml").exists() and (root / "summary.json").exists()
+    assert not list(root.rglob("*.partial")) and not list(root.rglob("*.work"))
+
+
+def test_same_seed_same_artifacts(reference_run, tmp_path):
+    root, _, config = reference_run
+    run(config, tmp_path / "again")
+    assert artifacts(tmp_path / "again") == artifacts(root)
+
+
+def test_resume_after_a_crash_mid_judging_matches_an_uninterrupted_run(reference_run, tmp_path, monkeypatch):
+    root, _, config = reference_run
+    calls = {"n": 0}
+    original = HFGenerator.generate
+
+    def crashing(self, requests, params):
+        if "Rate the response" in str(requests[0]):
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("simulated crash in the middle of judging")
+        return original(self, requests, params)
+
+    monkeypatch.setattr(HFGenerator, "generate", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(config, tmp_path / "run")
+    partial = tmp_path / "run" / "iter_1" / "judgments.jsonl.partial"
+    assert partial.exists() and not (tmp_path / "run" / "iter_1" / "judgments.jsonl").exists()
+    monkeypatch.setattr(HFGenerator, "generate", original)
+    run(config, tmp_path / "run", resume=True)
+    assert artifacts(tmp_path / "run") == artifacts(root)
+
+
+def test_resume_after_sigkill(reference_run, tmp_path, tiny_model):
+    from conftest import FIXTURES
+
+    root, _, _ = reference_run
+    out = tmp_path / "killed"
+    sets = [a for o in tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl") for a in ("--set", o)]
+    cmd = [sys.executable, "-m", "srlm.cli", "run", "--out", str(out), *sets]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    target = out / "iter_1" / "candidates.jsonl"
+    while time.time() < deadline and proc.poll() is None and not target.exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = subprocess.run([sys.executable, "-m", "srlm.cli", "run", "--resume", str(out)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "AIFT(M1)" in done.stdout
+    assert artifacts(out) == artifacts(root)

@@ -1,0 +1,62 @@
+from srlm.pairs import TIE, TOO_FEW_JUDGED, candidate_scores, select_pairs
+from srlm.records import Candidate, Judgment, Prompt
+
+
+def make(scores_by_candidate: dict[int, list], flagged=(), prompt_id="p"):
+    prompt = Prompt(id=prompt_id, text="Q?", iteration=1)
+    candidates = [Candidate(id=f"{prompt_id}-c{i}", prompt_id=prompt_id, index=i, text=f"answer {i}", n_tokens=10 * (i + 1),
+                            flagged=i in flagged) for i in scores_by_candidate]
+    judgments = [Judgment(id=f"{prompt_id}-c{i}-j{s}", candidate_id=f"{prompt_id}-c{i}", prompt_id=prompt_id, sample=s,
+                          text="...", score=v, error=None if v is not None else "no 'Score: N' found")
+                 for i, values in scores_by_candidate.items() for s, v in enumerate(values)]
+    return [prompt], candidates, judgments
+
+
+def test_best_vs_worst_by_mean_score():
+    sel = select_pairs(*make({0: [3, 4, 4], 1: [1, 2, 2], 2: [4, 4, 4], 3: [2, 2, 2]}))
+    (pair,) = sel.pairs
+    assert (pair.chosen_id, pair.rejected_id) == ("p-c2", "p-c1")
+    assert (pair.chosen_score, pair.rejected_score) == (4, 5 / 3)
+    assert pair.chosen == "answer 2" and pair.prompt == "Q?"
+
+
+def test_failed_judgments_are_ignored_not_zero():
+    # c1's only "low" evidence is a failure: it must not become the rejected response.
+    sel = select_pairs(*make({0: [4, None, 4], 1: [None, None, None], 2: [2, 3, None]}))
+    (pair,) = sel.pairs
+    assert (pair.chosen_id, pair.rejected_id) == ("p-c0", "p-c2")
+    assert "p-c1" not in candidate_scores(make({1: [None]})[2])
+
+
+def test_tie_drops_the_prompt():
+    sel = select_pairs(*make({0: [3, 4], 1: [4, 3], 2: [3.5, 3.5]}))
+    assert sel.pairs == [] and sel.dropped == {TIE: 1}
+
+
+def test_all_failed_and_single_valid_drop_the_prompt():
+    sel = select_pairs(*make({0: [None], 1: [None]}, prompt_id="a")[:3])
+    assert sel.dropped == {TOO_FEW_JUDGED: 1}
+    sel = select_pairs(*make({0: [5], 1: [None], 2: [None]}))
+    assert sel.pairs == [] and sel.dropped == {TOO_FEW_JUDGED: 1}
+
+
+def test_flagged_candidates_are_excluded_unless_allowed():
+    data = make({0: [5, 5], 1: [3, 3], 2: [1, 1]}, flagged={0})
+    (pair,) = select_pairs(*data).pairs
+    assert (pair.chosen_id, pair.rejected_id) == ("p-c1", "p-c2")
+    (pair,) = select_pairs(*data, exclude_flagged=False).pairs
+    assert pair.chosen_id == "p-c0"
+
+
+def test_equal_top_scores_pick_the_lowest_index():
+    (pair,) = select_pairs(*make({0: [2], 1: [5], 2: [5], 3: [2]})).pairs
+    assert (pair.chosen_id, pair.rejected_id) == ("p-c1", "p-c0")
+
+
+def test_several_prompts_counted_separately():
+    p1, c1, j1 = make({0: [5], 1: [1]}, prompt_id="x")
+    p2, c2, j2 = make({0: [3], 1: [3]}, prompt_id="y")
+    p3, c3, j3 = make({0: [None], 1: [2]}, prompt_id="z")
+    sel = select_pairs(p1 + p2 + p3, c1 + c2 + c3, j1 + j2 + j3)
+    assert [p.prompt_id for p in sel.pairs] == ["x"]
+    assert sel.dropped == {TIE: 1, TOO_FEW_JUDGED: 1}

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+
+from srlm.errors import InputError
+from srlm.records import Candidate, IFTExample, Prompt, RecordLog, read_jsonl, write_jsonl
+
+GOOD = {"id": "a", "prompt": "Q?", "response": "A."}
+
+
+def write(path, lines: list) -> None:
+    path.write_bytes(b"".join(l if isinstance(l, bytes) else (l + "\n").encode() for l in lines))
+
+
+@pytest.mark.parametrize("lines,message", [
+    ([json.dumps(GOOD), '{"id": "b", "prompt": "Q'], ":2: invalid JSON"),
+    ([json.dumps({**GOOD, "prompt": 3})], ":1: field 'prompt': Input should be a valid string"),
+    ([json.dumps({"id": "a", "prompt": "Q?"})], ":1: field 'response': missing (required)"),
+    ([json.dumps({**GOOD, "answer": "x"})], "field 'answer': unknown field"),
+    ([json.dumps({**GOOD, "response": "   "})], "field 'response': Value error, must not be empty"),
+    ([json.dumps(GOOD), json.dumps(GOOD)], ":2: field 'id': duplicate id 'a' (first on line 1)"),
+    (["[1, 2]"], ":1: expected a JSON object, found list"),
+    ([b'{"id": "a", "prompt": "\xff", "response": "x"}\n'], ":1: invalid UTF-8"),
+    ([], "file is empty"),
+])
+def test_bad_lines_name_file_line_and_field(tmp_path, lines, message):
+    path = tmp_path / "ift.jsonl"
+    write(path, lines)
+    with pytest.raises(InputError) as e:
+        read_jsonl(path, IFTExample)
+    assert str(e.value).startswith(str(path))
+    assert message in str(e.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(InputError, match="file not found"):
+        read_jsonl(tmp_path / "nope.jsonl", IFTExample)
+    with pytest.raises(InputError, match="is a directory"):
+        read_jsonl(tmp_path, IFTExample)
+
+
+def test_roundtrip_and_blank_lines(tmp_path):
+    path = tmp_path / "p.jsonl"
+    records = [Prompt(id=f"p{i}", text=f"Prompt {i} with ünïcode", iteration=1) for i in range(3)]
+    write_jsonl(path, records)
+    path.write_text(path.read_text() + "\n\n")
+    assert read_jsonl(path, Prompt) == records
+    assert not (tmp_path / "p.jsonl.tmp").exists()
+
+
+def cand(i: int) -> Candidate:
+    return Candidate(id=f"c{i}", prompt_id="p", index=i, text=f"t{i}")
+
+
+def test_record_log_survives_a_torn_write_and_never_duplicates(tmp_path):
+    path = tmp_path / "candidates.jsonl"
+    log = RecordLog(path, Candidate)
+    log.append([cand(0), cand(1)])
+    # A kill in the middle of the next write leaves half a line behind.
+    with open(log.partial, "a") as f:
+        f.write('{"id": "c2", "prompt_id": "p", "ind')
+    assert not path.exists(), "an unfinished log must not look complete"
+    log = RecordLog(path, Candidate)
+    assert log.done == {"c0", "c1"}
+    log.append([cand(1), cand(2)])  # c1 again: skipped
+    assert [r.id for r in log.finish()] == ["c0", "c1", "c2"]
+    assert [r.id for r in read_jsonl(path, Candidate)] == ["c0", "c1", "c2"]
+    assert not log.partial.exists()
+
+
+def test_record_log_reopened_after_finish_keeps_records(tmp_path):
+    path = tmp_path / "x.jsonl"
+    log = RecordLog(path, Candidate)
+    log.append([cand(0)])
+    log.finish()
+    again = RecordLog(path, Candidate)
+    assert again.done == {"c0"}
+    again.append([cand(1)])
+    assert [r.id for r in again.finish()] == ["c0", "c1"]
