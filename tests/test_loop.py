@@ -116,3 +116,29 @@ def test_resume_after_sigkill(reference_run, tmp_path, tiny_model):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "AIFT(M1)" in done.stdout
     assert artifacts(out) == artifacts(root)
+
+
+def test_eval_judge_on_a_trained_tiny_judge(reference_run, tmp_path, capsys):
+    from conftest import FIXTURES
+    from srlm.cli import main
+
+    root, _, _ = reference_run
+    ranked = tmp_path / "ranked.jsonl"
+    rows = [{"id": f"q{i}-{j}", "prompt_id": f"q{i}", "prompt": p, "reply": reply, "human_score": s}
+            for i, (p, replies) in enumerate([("What is two plus two?", [("Four.", 1.0), ("I like trains.", 0.0)]),
+                                              ("Name a primary color.", [("Blue.", 0.9), ("Colors are nice.", 0.2),
+                                                                         ("Red, yellow or blue.", 1.0)])])
+            for j, (reply, s) in enumerate(replies)]
+    ranked.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code = main(["eval", "judge", "--model", str(root / "models" / "M1"), "--data", str(ranked), "--split", "all",
+                 "--out", str(tmp_path / "eval"), "--set", f"judge.template={FIXTURES / 'short_judge_template.txt'}",
+                 "--set", "judge.k=2", "--set", "judge.max_new_tokens=16", "--set", "device=cpu"])
+    assert code == 0
+    result = json.loads((tmp_path / "eval" / "judge_agreement.json").read_text())
+    judgments = (tmp_path / "eval" / "judgments.jsonl").read_text().splitlines()
+    assert result["judgments"] == len(judgments) == 10
+    assert result["replies_scored"] + result["replies_failed"] == 5
+    assert "judge ties count as disagreement" in result["tie_convention"]
+    if result["pairs"]:
+        assert 0 <= result["pairwise_accuracy"] <= 1
+    assert "pairwise_accuracy:" in capsys.readouterr().out

@@ -170,6 +170,49 @@ def cmd_dpo(args) -> int:
     return 0
 
 
+def cmd_data_validate(args) -> int:
+    from .seed import shipped
+    from .validate import validate
+
+    ift, eft = args.ift, args.eft
+    if args.shipped:
+        ift, eft = shipped("ift"), shipped("eft")
+    if ift is None and eft is None:
+        raise SrlmError("nothing to validate: give --ift FILE and/or --eft FILE (or --shipped)")
+    report = validate(ift, eft)
+    print(report.render())
+    return 0 if report.ok else 4
+
+
+def cmd_eval_judge(args) -> int:
+    import json
+
+    from .evaluation import as_stage_records, judge_agreement, load_ranked
+    from .judging import judge, load_template
+    from .pairs import candidate_scores
+    from .records import atomic_write_text
+
+    config = _load(args)
+    replies = load_ranked(args.data, args.split)
+    if args.max_prompts:
+        keep = list(dict.fromkeys(r.prompt_id for r in replies))[: args.max_prompts]
+        replies = [r for r in replies if r.prompt_id in set(keep)]
+    prompts, candidates = as_stage_records(replies)
+    j = config.judge
+    args.out.mkdir(parents=True, exist_ok=True)
+    judgments = judge(_generator(args, config), prompts, candidates, args.out / "judgments.jsonl", k=j.k,
+                      temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens,
+                      template=load_template(j.template), batch_size=config.generation.batch_size, seed=config.seed)
+    result = judge_agreement(replies, candidate_scores(judgments)).as_dict()
+    failed = sum(x.score is None for x in judgments)
+    result.update(model=args.model, data=str(args.data), split=args.split, judgments=len(judgments),
+                  parse_failures=failed, parse_failure_rate=failed / len(judgments) if judgments else None)
+    atomic_write_text(args.out / "judge_agreement.json", json.dumps(result, indent=2) + "\n")
+    for key, value in result.items():
+        print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
 def cmd_config(args) -> int:
     from .config import config_to_yaml, describe_fields
 
@@ -257,6 +300,34 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(p)
     p.set_defaults(func=cmd_dpo)
 
+    p = sub.add_parser("data", help="seed data tools: validate")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    p = data_sub.add_parser("validate", help="check IFT/EFT files: schema, duplicates, scores, IFT/EFT overlap",
+                            description="Report every problem in IFT and/or EFT seed files with its file and line; "
+                                        "exit 4 if there is any error (warnings alone exit 0).",
+                            formatter_class=fmt)
+    p.add_argument("--ift", type=Path, help="IFT JSONL")
+    p.add_argument("--eft", type=Path, help="EFT JSONL")
+    p.add_argument("--shipped", action="store_true", help="validate the seed shipped with srlm")
+    p.set_defaults(func=cmd_data_validate)
+
+    p = sub.add_parser("eval", help="measure a model: judge agreement with human rankings")
+    eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
+    p = eval_sub.add_parser("judge", help="reward-modeling agreement with human rankings (PAPER.md §5)",
+                            description="Judge every reply of prompts with several human-rated replies and report "
+                                        "pairwise accuracy, exact match, Spearman, Kendall tau and 5-best (PAPER.md "
+                                        "§5), with the judge's tie rate and parse failures.", epilog=EPILOG,
+                            formatter_class=fmt)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", type=Path, required=True,
+                   help="ranked replies: JSONL of {id, prompt_id, prompt, reply, human_score} or the oasst2-srlm export")
+    p.add_argument("--split", choices=["eval", "train", "all"], default="eval",
+                   help="fixed split by prompt id (eval: sha256(prompt_id) %% 4 == 0)")
+    p.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts of the split")
+    p.add_argument("--out", type=Path, required=True, help="directory for judgments.jsonl and judge_agreement.json")
+    _config_options(p)
+    p.set_defaults(func=cmd_eval_judge)
+
     p = sub.add_parser("config", help="print the resolved config, or list every key with --list",
                        formatter_class=fmt)
     p.add_argument("--list", action="store_true", help="every config key with its default and meaning")
@@ -282,7 +353,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.func not in (cmd_pairs, cmd_config):
+    if args.func not in (cmd_pairs, cmd_config, cmd_data_validate):
         _quiet_libraries()
     try:
         return args.func(args)

@@ -57,6 +57,7 @@ class SFTConfig(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (PAPER.md §4: 0.1).")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence; longer ones are truncated.")
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (resume point).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
 
 
 class PromptsConfig(Section):
@@ -112,6 +113,7 @@ class DPOConfig(Section):
     )
     max_length: int = Field(2048, ge=16, description="Tokens per prompt+response.")
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (PAPER.md §4.5: 200).")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
 
 
 class RunConfig(Section):

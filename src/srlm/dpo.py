@@ -48,7 +48,7 @@ def train_dpo(
     if reference_path is not None and Path(reference_path) != Path(model_path):
         ref_model = load_model(reference_path, config.model, device).eval()
     args = DPOConfig(
-        **training_arguments(config.dpo, work_dir=work_dir, device=device, seed=config.seed, n_examples=len(pairs)),
+        **training_arguments(config.dpo, work_dir=work_dir, device=device, seed=config.seed),
         beta=config.dpo.beta,
         precompute_ref_log_probs=True,
         disable_dropout=config.dpo.dropout == 0,

@@ -138,10 +138,11 @@ def generate_prompts(
         outputs = generator.generate(requests, batch_params(params, batch_index))
         records = []
         for aid, out in zip(ids, outputs):
+            if len(kept) >= num_prompts:
+                break  # the rest of the last batch is not needed; unrecorded, it does not skew filter counts
             text = clean(out.text)
-            reason = "enough prompts already" if len(kept) >= num_prompts else filter_reason(
-                text, known, min_words=min_words, max_words=max_words, blocked_keywords=blocked_keywords,
-                rouge_l_max=rouge_l_max)
+            reason = filter_reason(text, known, min_words=min_words, max_words=max_words,
+                                   blocked_keywords=blocked_keywords, rouge_l_max=rouge_l_max)
             if reason is None:
                 kept.append(text)
                 known.append(text)

@@ -130,6 +130,58 @@ def _describe(error: dict) -> tuple[str, str]:
     return field, f"{message}; found {shown}"
 
 
+def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
+    """One JSONL line as a validated record (None for a blank line); InputError names file, line and field."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"invalid UTF-8 at byte {e.start} (expected UTF-8 text)", path=path, line=number)
+    if not line.strip():
+        return None
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        hint = " (the line looks truncated)" if not line.endswith("\n") else ""
+        raise InputError(f"invalid JSON: {e.msg} at column {e.colno}{hint}", path=path, line=number)
+    if not isinstance(obj, dict):
+        raise InputError(f"expected a JSON object, found {type(obj).__name__}", path=path, line=number)
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        field, message = _describe(e.errors()[0])
+        raise InputError(message, path=path, line=number, field=field)
+
+
+def _check_path(path: Path, model: type[Record]) -> None:
+    if not path.exists():
+        raise InputError(f"file not found (expected a JSONL file of {model.__name__} records)", path=path)
+    if path.is_dir():
+        raise InputError(f"is a directory (expected a JSONL file of {model.__name__} records)", path=path)
+
+
+def scan_jsonl(path: str | os.PathLike, model: type[R]) -> Iterator[tuple[int, R | InputError]]:
+    """Every non-blank line as (line number, record or the InputError it raised): for reports of all errors."""
+    path = Path(path)
+    _check_path(path, model)
+    seen: dict[str, int] = {}
+    for number, raw in _iter_lines(path):
+        try:
+            record = parse_line(path, number, raw, model)
+        except InputError as e:
+            yield number, e
+            continue
+        if record is None:
+            continue
+        rid = getattr(record, "id", None)
+        if rid is not None and rid in seen:
+            yield number, InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", path=path, line=number,
+                                     field="id")
+            continue
+        if rid is not None:
+            seen[rid] = number
+        yield number, record
+
+
 def read_jsonl(path: str | os.PathLike, model: type[R], *, allow_empty: bool = False) -> list[R]:
     """Read and validate every line of `path` as `model`.
 
@@ -137,41 +189,13 @@ def read_jsonl(path: str | os.PathLike, model: type[R], *, allow_empty: bool = F
     a wrong type, a missing or unknown field) and on duplicate ids. Blank lines are skipped. An empty file
     is an error unless `allow_empty` (a stage's output may legitimately hold no record, user input may not).
     """
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"file not found (expected a JSONL file of {model.__name__} records)", path=path)
-    if path.is_dir():
-        raise InputError(f"is a directory (expected a JSONL file of {model.__name__} records)", path=path)
     records: list[R] = []
-    seen: dict[str, int] = {}
-    for number, raw in _iter_lines(path):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InputError(f"invalid UTF-8 at byte {e.start} (expected UTF-8 text)", path=path, line=number)
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            hint = " (the line looks truncated)" if not line.endswith("\n") else ""
-            raise InputError(f"invalid JSON: {e.msg} at column {e.colno}{hint}", path=path, line=number)
-        if not isinstance(obj, dict):
-            raise InputError(f"expected a JSON object, found {type(obj).__name__}", path=path, line=number)
-        try:
-            record = model.model_validate(obj)
-        except ValidationError as e:
-            field, message = _describe(e.errors()[0])
-            raise InputError(message, path=path, line=number, field=field)
-        rid = getattr(record, "id", None)
-        if rid is not None:
-            if rid in seen:
-                raise InputError(f"duplicate id {rid!r} (first on line {seen[rid]})", path=path, line=number,
-                                 field="id")
-            seen[rid] = number
-        records.append(record)
+    for _, item in scan_jsonl(path, model):
+        if isinstance(item, InputError):
+            raise item
+        records.append(item)
     if not records and not allow_empty:
-        raise InputError(f"file is empty (expected at least one {model.__name__} record)", path=path)
+        raise InputError(f"file is empty (expected at least one {model.__name__} record)", path=Path(path))
     return records
 
 

@@ -51,7 +51,7 @@ def train_sft(
     tokenizer = load_tokenizer(model_path, config.model)
     model = load_model(model_path, config.model, device, dropout=config.sft.dropout)
     args = SFTConfig(
-        **training_arguments(config.sft, work_dir=work_dir, device=device, seed=config.seed, n_examples=len(rows)),
+        **training_arguments(config.sft, work_dir=work_dir, device=device, seed=config.seed),
         completion_only_loss=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)

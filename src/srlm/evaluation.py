@@ -1,0 +1,202 @@
+"""Reward-modeling evaluation (PAPER.md §5): how well the model's judge agrees with human rankings.
+
+Input: prompts with several human-rated replies (`RankedReply` records, or the oasst2-srlm export). The
+model judges every reply with the same judge stage the loop uses; per prompt, its ordering is compared with
+the human one:
+
+- pairwise accuracy: of the reply pairs with different human scores, the share the judge orders the same way;
+- exact match: the share of prompts where the judge orders every such pair the same way;
+- Spearman and Kendall tau (tau-b) between judge and human scores, averaged over prompts where both vary;
+- 5-best: of the replies the judge gives a perfect 5, the share that humans rated best for their prompt.
+
+Tie convention (the paper does not state one): a pair the judge scores equally counts as *not* agreeing in
+pairwise accuracy and exact match; the share of such pairs is reported as `judge_tie_rate`. A reply whose
+judgments all failed to parse is left out of every metric, and the failures are counted.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import combinations
+from pathlib import Path
+from statistics import mean
+
+from .errors import InputError
+from .records import Candidate, Prompt, Record, read_jsonl
+
+TIE_CONVENTION = ("judge ties count as disagreement in pairwise accuracy and exact match; their share is "
+                  "judge_tie_rate; replies with no parsed judgment are excluded")
+
+
+class RankedReply(Record):
+    """One human-rated reply to a prompt; higher `human_score` is better."""
+
+    id: str
+    prompt_id: str
+    prompt: str
+    reply: str
+    human_score: float
+
+
+class _OasstReply(Record):
+    model_config = Record.model_config | {"extra": "ignore"}
+
+    prompt_id: str
+    prompt_text: str
+    response_id: str
+    response_text: str
+    quality_score: float
+    language: str | None = None
+
+
+def heldout(prompt_id: str, eval_share: int = 4) -> bool:
+    """The fixed split, by prompt (never by reply): a prompt is held out iff sha256(prompt_id) % 4 == 0."""
+    return int(hashlib.sha256(prompt_id.encode()).hexdigest(), 16) % eval_share == 0
+
+
+def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
+    """Ranked replies from our schema or the oasst2-srlm export; `split` is eval, train or all."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        keys = set(json.loads(first))
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+        keys = set()
+    if "response_text" in keys:
+        replies = [RankedReply(id=r.response_id, prompt_id=r.prompt_id, prompt=r.prompt_text, reply=r.response_text,
+                               human_score=r.quality_score) for r in read_jsonl(path, _OasstReply)]
+    else:
+        replies = read_jsonl(path, RankedReply)
+    if split != "all":
+        replies = [r for r in replies if heldout(r.prompt_id) == (split == "eval")]
+    if not replies:
+        raise InputError(f"no replies in the {split!r} split", path=path)
+    return replies
+
+
+def as_stage_records(replies: Sequence[RankedReply]) -> tuple[list[Prompt], list[Candidate]]:
+    """The ranked replies as the judge stage's input: one Prompt per prompt, one Candidate per reply."""
+    prompts: dict[str, Prompt] = {}
+    candidates = []
+    counts: dict[str, int] = defaultdict(int)
+    for r in replies:
+        prompts.setdefault(r.prompt_id, Prompt(id=r.prompt_id, text=r.prompt, iteration=0, source="user"))
+        candidates.append(Candidate(id=r.id, prompt_id=r.prompt_id, index=counts[r.prompt_id], text=r.reply))
+        counts[r.prompt_id] += 1
+    return list(prompts.values()), candidates
+
+
+def _ranks(values: Sequence[float]) -> list[float]:
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def _pearson(x: Sequence[float], y: Sequence[float]) -> float | None:
+    mx, my = mean(x), mean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx = sum((a - mx) ** 2 for a in x)
+    syy = sum((b - my) ** 2 for b in y)
+    if sxx == 0 or syy == 0:
+        return None
+    return sxy / (sxx * syy) ** 0.5
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    return _pearson(_ranks(x), _ranks(y))
+
+
+def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float | None:
+    concordant = discordant = ties_x = ties_y = 0
+    for i, j in combinations(range(len(x)), 2):
+        dx, dy = x[i] - x[j], y[i] - y[j]
+        if dx == 0 and dy == 0:
+            continue
+        if dx == 0:
+            ties_x += 1
+        elif dy == 0:
+            ties_y += 1
+        elif (dx > 0) == (dy > 0):
+            concordant += 1
+        else:
+            discordant += 1
+    denominator = ((concordant + discordant + ties_x) * (concordant + discordant + ties_y)) ** 0.5
+    return (concordant - discordant) / denominator if denominator else None
+
+
+@dataclass
+class JudgeAgreement:
+    pairwise_accuracy: float | None
+    exact_match: float | None
+    spearman: float | None
+    kendall_tau: float | None
+    five_best: float | None
+    judge_tie_rate: float | None
+    pairs: int
+    prompts: int
+    replies_scored: int
+    replies_failed: int
+    tie_convention: str = TIE_CONVENTION
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, float]) -> JudgeAgreement:
+    """Agreement of `judge_scores` (reply id -> mean parsed score; absent = all judgments failed) with humans."""
+    by_prompt: dict[str, list[RankedReply]] = defaultdict(list)
+    for r in replies:
+        by_prompt[r.prompt_id].append(r)
+    agree = ties = pairs = 0
+    exact: list[bool] = []
+    rhos: list[float] = []
+    taus: list[float] = []
+    fives = fives_best = 0
+    scored = sum(1 for r in replies if r.id in judge_scores)
+    for group in by_prompt.values():
+        group = [r for r in group if r.id in judge_scores]
+        if len(group) < 2:
+            continue
+        human = [r.human_score for r in group]
+        model = [judge_scores[r.id] for r in group]
+        prompt_pairs = prompt_agree = 0
+        for i, j in combinations(range(len(group)), 2):
+            if human[i] == human[j]:
+                continue
+            prompt_pairs += 1
+            if model[i] == model[j]:
+                ties += 1
+            elif (model[i] > model[j]) == (human[i] > human[j]):
+                prompt_agree += 1
+        pairs += prompt_pairs
+        agree += prompt_agree
+        if prompt_pairs:
+            exact.append(prompt_agree == prompt_pairs)
+        for values, metric in ((rhos, spearman), (taus, kendall_tau_b)):
+            value = metric(model, human)
+            if value is not None:
+                values.append(value)
+        best = max(human)
+        for h, m in zip(human, model):
+            if m == 5:
+                fives += 1
+                fives_best += h == best
+    ratio = lambda n, d: n / d if d else None
+    return JudgeAgreement(
+        pairwise_accuracy=ratio(agree, pairs), exact_match=ratio(sum(exact), len(exact)),
+        spearman=mean(rhos) if rhos else None, kendall_tau=mean(taus) if taus else None,
+        five_best=ratio(fives_best, fives), judge_tie_rate=ratio(ties, pairs), pairs=pairs, prompts=len(exact),
+        replies_scored=scored, replies_failed=len(replies) - scored,
+    )

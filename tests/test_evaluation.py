@@ -1,0 +1,69 @@
+"""Judge-agreement metrics against values computed by hand."""
+import json
+
+import pytest
+
+from srlm.evaluation import RankedReply, heldout, judge_agreement, kendall_tau_b, load_ranked, spearman
+
+
+def replies(prompt_id, human):
+    return [RankedReply(id=f"{prompt_id}{i}", prompt_id=prompt_id, prompt="Q", reply=f"r{i}", human_score=h)
+            for i, h in enumerate(human)]
+
+
+def test_perfect_agreement():
+    r = replies("a", [0.9, 0.5, 0.1])
+    m = judge_agreement(r, {"a0": 5, "a1": 3, "a2": 1})
+    assert (m.pairwise_accuracy, m.exact_match, m.spearman, m.kendall_tau, m.five_best) == (1, 1, 1, 1, 1)
+    assert m.judge_tie_rate == 0 and m.pairs == 3 and m.prompts == 1
+
+
+def test_hand_computed_mixed_case():
+    # Prompt a: human a0 > a1 > a2; judge 4, 4, 2 -> pairs (0,1) tie, (0,2) agree, (1,2) agree.
+    # Prompt b: human b0 > b1; judge 1, 3 -> disagree.  Prompt c: one scored reply -> no pairs.
+    r = replies("a", [0.9, 0.5, 0.1]) + replies("b", [0.8, 0.2]) + replies("c", [0.7, 0.3])
+    scores = {"a0": 4, "a1": 4, "a2": 2, "b0": 1, "b1": 3, "c0": 5}
+    m = judge_agreement(r, scores)
+    assert m.pairs == 4
+    assert m.pairwise_accuracy == pytest.approx(2 / 4)
+    assert m.judge_tie_rate == pytest.approx(1 / 4)
+    assert m.exact_match == 0  # a has a tie, b disagrees
+    assert m.prompts == 2
+    # Spearman a: judge ranks (2.5, 2.5, 1) vs human (3, 2, 1) -> 0.866; b: -1. Mean -0.067.
+    assert m.spearman == pytest.approx((0.8660254 - 1) / 2)
+    # Kendall tau-b a: C=2, D=0, ties in judge only = 1 -> 2 / sqrt(3 * 2) = 0.8165; b: -1.
+    assert m.kendall_tau == pytest.approx((2 / 6 ** 0.5 - 1) / 2)
+    # c0 got a 5 but c1 had no parsed judgment, so prompt c is excluded: no 5s counted.
+    assert m.five_best is None
+    assert m.replies_scored == 6 and m.replies_failed == 1
+
+
+def test_five_best_counts_only_perfect_scores():
+    r = replies("a", [0.9, 0.5]) + replies("b", [0.2, 0.8])
+    m = judge_agreement(r, {"a0": 5, "a1": 5, "b0": 5, "b1": 3})
+    assert m.five_best == pytest.approx(1 / 3)  # a0 is best; a1 and b0 are not
+
+
+def test_all_equal_scores_and_human_ties():
+    m = judge_agreement(replies("a", [0.5, 0.5, 0.5]), {"a0": 3, "a1": 4, "a2": 5})
+    assert m.pairs == 0 and m.pairwise_accuracy is None and m.spearman is None
+    m = judge_agreement(replies("a", [0.9, 0.1]), {"a0": 3, "a1": 3})
+    assert m.pairwise_accuracy == 0 and m.judge_tie_rate == 1 and m.spearman is None and m.kendall_tau is None
+
+
+def test_rank_correlations():
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1)
+    assert kendall_tau_b([1, 2, 3], [1, 3, 2]) == pytest.approx(1 / 3)
+    assert spearman([1, 1], [1, 2]) is None
+
+
+def test_oasst_export_is_read_and_split_by_prompt(tmp_path):
+    path = tmp_path / "ranked.jsonl"
+    rows = [{"prompt_id": f"p{i}", "prompt_text": f"Q{i}", "response_id": f"p{i}-r{j}", "response_text": f"A{j}",
+             "language": "en", "quality_score": j / 2} for i in range(40) for j in range(2)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    eval_part, train_part = load_ranked(path, "eval"), load_ranked(path, "train")
+    assert len(eval_part) + len(train_part) == 80
+    assert {r.prompt_id for r in eval_part}.isdisjoint({r.prompt_id for r in train_part})
+    assert all(heldout(r.prompt_id) for r in eval_part) and eval_part[0].reply.startswith("A")
