@@ -142,3 +142,32 @@ def test_eval_judge_on_a_trained_tiny_judge(reference_run, tmp_path, capsys):
     if result["pairs"]:
         assert 0 <= result["pairwise_accuracy"] <= 1
     assert "pairwise_accuracy:" in capsys.readouterr().out
+
+
+def test_report_rebuilds_the_summary_from_files(reference_run, capsys):
+    from srlm.cli import main
+
+    root, summary, _ = reference_run
+    assert (root / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert main(["report", str(root), "--no-plot"]) == 0
+    out = capsys.readouterr().out
+    assert "AIFT(M1)" in out and "AIFT(M2)" in out
+    pairs_row = next(line for line in out.splitlines() if line.startswith("pairs kept"))
+    assert pairs_row.split()[2:] == [str(summary["iterations"][1]["pairs"]), str(summary["iterations"][2]["pairs"])]
+
+
+def test_resume_may_extend_iterations_but_not_change_the_method(reference_run, tmp_path):
+    import shutil
+
+    from srlm.errors import RunDirError
+
+    root, _, config = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    with pytest.raises(RunDirError, match=r"candidates.n differ"):
+        run(config.model_copy(update={"candidates": config.candidates.model_copy(update={"n": 4})}), copy, resume=True)
+    summary = run(config.model_copy(update={"iterations": 3}), copy, resume=True)
+    assert sorted(summary["iterations"]) == [1, 2, 3]
+    assert (copy / "models" / "M4" / "model.safetensors").exists()
+    assert "iterations: 3" in (copy / "config.yaml").read_text()
+    assert artifacts(copy) == artifacts(root)  # iterations 1 and 2 untouched

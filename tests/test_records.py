@@ -77,3 +77,17 @@ def test_record_log_reopened_after_finish_keeps_records(tmp_path):
     assert again.done == {"c0"}
     again.append([cand(1)])
     assert [r.id for r in again.finish()] == ["c0", "c1"]
+
+
+def test_a_checkpoint_cut_by_a_kill_is_not_resumed_from(tmp_path):
+    from srlm.training import last_checkpoint
+
+    assert last_checkpoint(tmp_path / "none") is None
+    for step, state in ((5, '{"global_step": 5}'), (10, '{"global_step": 1'), (15, None)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+        if state is not None:
+            (d / "trainer_state.json").write_text(state)
+    assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert not (tmp_path / "checkpoint-10").exists() and not (tmp_path / "checkpoint-15").exists()

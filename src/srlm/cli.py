@@ -213,6 +213,13 @@ def cmd_eval_judge(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from .report import report
+
+    print(report(args.run_dir, png=not args.no_plot))
+    return 0
+
+
 def cmd_config(args) -> int:
     from .config import config_to_yaml, describe_fields
 
@@ -328,6 +335,12 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(p)
     p.set_defaults(func=cmd_eval_judge)
 
+    p = sub.add_parser("report", help="the per-iteration table of a run (and report.png beside it)",
+                       formatter_class=fmt)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--no-plot", action="store_true", help="skip writing report.png")
+    p.set_defaults(func=cmd_report)
+
     p = sub.add_parser("config", help="print the resolved config, or list every key with --list",
                        formatter_class=fmt)
     p.add_argument("--list", action="store_true", help="every config key with its default and meaning")
@@ -353,7 +366,7 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.func not in (cmd_pairs, cmd_config, cmd_data_validate):
+    if args.func not in (cmd_pairs, cmd_config, cmd_data_validate, cmd_report):
         _quiet_libraries()
     try:
         return args.func(args)

@@ -21,6 +21,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import yaml
 from tqdm.auto import tqdm
 
 from . import models
@@ -37,7 +38,23 @@ from .records import (Candidate, EFTExample, IFTExample, Judgment, Pair, Prompt,
 from .rundir import RunDir
 from .seed import load_eft, load_ift
 from .sft import train_sft
+from .report import plot
 from .summary import format_table, iteration_stats
+
+
+# Keys a resumed run may change: they decide what happens next, not what the finished stages wrote.
+RESUMABLE_CHANGES = {"iterations", "judge.max_failure_rate", "judge.saturation_warning"}
+
+
+def _changed_keys(a: RunConfig, b: RunConfig) -> set[str]:
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
 
 
 def say(message: str) -> None:
@@ -61,12 +78,16 @@ class Run:
         self.dir = RunDir(root)
         if resume:
             self.dir.open()
-            saved = self.dir.config_path.read_text(encoding="utf-8")
-            if saved != config_to_yaml(config):
+            saved = RunConfig.model_validate(yaml.safe_load(self.dir.config_path.read_text(encoding="utf-8")))
+            changed = _changed_keys(saved, config)
+            if changed - RESUMABLE_CHANGES:
                 raise RunDirError(
-                    f"{root}: this run was made with a different config than the one given now; resume it without "
-                    f"--config/--preset/--set (its own {self.dir.config_path} is used), or start a new run"
+                    f"{root}: this run was made with a different config ({', '.join(sorted(changed))} differ); "
+                    f"on resume only {', '.join(sorted(RESUMABLE_CHANGES))} may change, since the others would "
+                    "not match the artifacts already written. Start a new run for the rest"
                 )
+            if changed:
+                atomic_write_text(self.dir.config_path, config_to_yaml(config))
         else:
             self.dir.create(config)
         self.template = load_template(config.judge.template)
@@ -223,6 +244,7 @@ class Run:
         atomic_write_text(self.dir.root / "summary.json", json.dumps(summary, indent=2) + "\n")
         if per_iteration:
             print(format_table(per_iteration))
+            print(f"\nplot: {plot(per_iteration, self.dir.root / 'report.png')}")
         print(f"\nmodels: {', '.join(summary['models'])}")
         return summary
 

@@ -7,9 +7,11 @@ Resumable: restarts from the last Trainer checkpoint in `<out>.work/`; `<out>` a
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .errors import InputError
 from .judging import PAPER_TEMPLATE, judge_request
 from .records import EFTExample, IFTExample
 
@@ -27,6 +29,19 @@ def sft_rows(ift: Sequence[IFTExample], eft: Sequence[EFTExample], template: str
     ]
     random.Random(seed).shuffle(rows)
     return rows
+
+
+def drop_overlong(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
+    """Leave out examples longer than max_length: truncation would cut an EFT target before its
+    "Score: N", teaching the judge to stop without a verdict (PAPER.md §7, parse failures)."""
+    kept = [r for r in rows
+            if len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)["input_ids"]) <= max_length]
+    if len(kept) < len(rows):
+        print(f"[srlm] sft: {len(rows) - len(kept)} of {len(rows)} examples are longer than sft.max_length="
+              f"{max_length} tokens and are left out", file=sys.stderr)
+    if not kept:
+        raise InputError(f"every SFT example is longer than sft.max_length={max_length} tokens; raise it")
+    return kept
 
 
 def train_sft(
@@ -49,6 +64,7 @@ def train_sft(
     rows = sft_rows(ift, eft, template, config.seed)
     work_dir = out_dir.with_name(out_dir.name + ".work")
     tokenizer = load_tokenizer(model_path, config.model)
+    rows = drop_overlong(rows, tokenizer, config.sft.max_length)
     model = load_model(model_path, config.model, device, dropout=config.sft.dropout)
     args = SFTConfig(
         **training_arguments(config.sft, work_dir=work_dir, device=device, seed=config.seed),

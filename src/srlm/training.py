@@ -6,6 +6,7 @@ Both stages train with TRL on accelerate (so the same code runs on a CPU, one GP
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from pathlib import Path
@@ -45,12 +46,22 @@ def training_arguments(section, *, work_dir: Path, device: str, seed: int) -> di
 
 
 def last_checkpoint(work_dir: Path) -> str | None:
-    """The newest complete Trainer checkpoint in work_dir, or None to start from scratch."""
-    from transformers.trainer_utils import get_last_checkpoint
+    """The newest *complete* Trainer checkpoint in work_dir, or None to start from scratch.
 
+    A kill during a save leaves a checkpoint directory without its trainer state (the Trainer writes it
+    last), or with a torn one; such a directory is removed rather than resumed from.
+    """
     if not work_dir.is_dir():
         return None
-    return get_last_checkpoint(str(work_dir))
+    candidates = sorted((p for p in work_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                        key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for checkpoint in candidates:
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+            return str(checkpoint)
+        except (OSError, ValueError):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return None
 
 
 def finish(trainer, tokenizer, out_dir: Path, work_dir: Path) -> Path:
