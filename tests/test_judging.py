@@ -1,8 +1,15 @@
 import pytest
 
 from srlm.errors import ConfigError
-from srlm.judging import (INSTRUCTION_SLOT, PAPER_TEMPLATE, RESPONSE_SLOT, contains_judge_text, fill, load_template,
-                          parse_score)
+from srlm.judging import (
+    INSTRUCTION_SLOT,
+    PAPER_TEMPLATE,
+    RESPONSE_SLOT,
+    contains_judge_text,
+    fill,
+    load_template,
+    parse_score,
+)
 
 # Judge outputs of the kinds small models really write (seen from SmolLM2 and in public re-implementations).
 PARSED = [

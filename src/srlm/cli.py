@@ -89,8 +89,8 @@ def _generator(args, config):
 
 def _seed_prompts(path: Path) -> list[str]:
     """Few-shot pool from a JSONL of IFT examples or of prompts (`prompt` or `text` field)."""
-    from .records import IFTExample, Prompt, read_jsonl
     from .errors import InputError
+    from .records import IFTExample, Prompt, read_jsonl
 
     try:
         return [x.prompt for x in read_jsonl(path, IFTExample)]

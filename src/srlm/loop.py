@@ -33,14 +33,22 @@ from .errors import JudgeIntegrityError, RunDirError
 from .judging import judge, load_template
 from .pairs import select_pairs
 from .prompts import PromptAttempt, generate_prompts
-from .records import (Candidate, EFTExample, IFTExample, Judgment, Pair, Prompt, atomic_write_text, read_jsonl,
-                      write_jsonl)
+from .records import (
+    Candidate,
+    EFTExample,
+    IFTExample,
+    Judgment,
+    Pair,
+    Prompt,
+    atomic_write_text,
+    read_jsonl,
+    write_jsonl,
+)
+from .report import plot
 from .rundir import RunDir
 from .seed import load_eft, load_ift
 from .sft import train_sft
-from .report import plot
 from .summary import format_table, iteration_stats
-
 
 # Keys a resumed run may change: they decide what happens next, not what the finished stages wrote.
 RESUMABLE_CHANGES = {"iterations", "judge.max_failure_rate", "judge.saturation_warning"}
