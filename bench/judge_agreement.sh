@@ -12,5 +12,5 @@ for model in embedded:smollm2-135m-instruct "$run/models/M1"; do
   name=$([ "$model" = "${model#embedded}" ] && basename "$model" || echo M0)
   echo "== $name ($model)"
   "$srlm" eval judge --model "$model" --data "$data" --split eval --max-prompts "$max" --out "$out/$name" \
-    --set judge.k="$k" 2>/dev/null
+    --set judge.k="$k" 2> >(grep -E "^srlm: error|left out" >&2)
 done

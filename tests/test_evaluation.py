@@ -62,8 +62,9 @@ def test_oasst_export_is_read_and_split_by_prompt(tmp_path):
     path = tmp_path / "ranked.jsonl"
     rows = [{"prompt_id": f"p{i}", "prompt_text": f"Q{i}", "response_id": f"p{i}-r{j}", "response_text": f"A{j}",
              "language": "en", "quality_score": j / 2} for i in range(40) for j in range(2)]
+    rows.append({**rows[0], "response_id": "unrated", "quality_score": None})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     eval_part, train_part = load_ranked(path, "eval"), load_ranked(path, "train")
-    assert len(eval_part) + len(train_part) == 80
+    assert len(eval_part) + len(train_part) == 80  # the unrated reply is left out
     assert {r.prompt_id for r in eval_part}.isdisjoint({r.prompt_id for r in train_part})
     assert all(heldout(r.prompt_id) for r in eval_part) and eval_part[0].reply.startswith("A")

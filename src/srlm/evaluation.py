@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class _OasstReply(Record):
     prompt_text: str
     response_id: str
     response_text: str
-    quality_score: float
+    quality_score: float | None  # the export has replies nobody rated
     language: str | None = None
 
 
@@ -67,8 +68,12 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
         keys = set()
     if "response_text" in keys:
+        rows = read_jsonl(path, _OasstReply)
         replies = [RankedReply(id=r.response_id, prompt_id=r.prompt_id, prompt=r.prompt_text, reply=r.response_text,
-                               human_score=r.quality_score) for r in read_jsonl(path, _OasstReply)]
+                               human_score=r.quality_score) for r in rows if r.quality_score is not None]
+        if len(replies) < len(rows):
+            print(f"[srlm] {path}: {len(rows) - len(replies)} of {len(rows)} replies have no human score and are "
+                  "left out", file=sys.stderr)
     else:
         replies = read_jsonl(path, RankedReply)
     if split != "all":
