@@ -9,6 +9,13 @@ from .judging import contains_judge_text
 from .records import Candidate, Prompt, RecordLog
 
 
+def respond_options(config) -> dict:
+    """respond's keyword arguments from a RunConfig (all but the seed)."""
+    c = config.candidates
+    return dict(n=c.n, temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
+                batch_size=config.generation.batch_size)
+
+
 def respond(
     generator: Generator,
     prompts: Sequence[Prompt],

@@ -102,45 +102,35 @@ def _seed_prompts(path: Path) -> list[str]:
 
 
 def cmd_prompts(args) -> int:
-    from .prompts import generate_prompts
+    from .prompts import generate_prompts, prompt_options
     from .seed import load_ift
 
     config = _load(args)
     pool = _seed_prompts(args.seed_prompts) if args.seed_prompts else [x.prompt for x in load_ift(config.data.ift)]
-    p = config.prompts
-    prompts, attempts = generate_prompts(
-        _generator(args, config), pool, args.out, iteration=args.iteration, num_prompts=args.num or p.num_prompts,
-        few_shot_human=p.few_shot_human, few_shot_model=p.few_shot_model, temperature=p.temperature, top_p=p.top_p,
-        max_new_tokens=p.max_new_tokens, min_words=p.min_words, max_words=p.max_words,
-        blocked_keywords=p.blocked_keywords, rouge_l_max=p.rouge_l_max,
-        max_attempts=int((args.num or p.num_prompts) * p.max_attempts_factor),
-        batch_size=config.generation.batch_size, seed=config.seed)
+    prompts, attempts = generate_prompts(_generator(args, config), pool, args.out, iteration=args.iteration,
+                                         seed=config.seed, **prompt_options(config, args.num))
     print(f"{len(prompts)} prompts kept of {len(attempts)} generated -> {args.out}")
     return 0
 
 
 def cmd_respond(args) -> int:
-    from .candidates import respond
+    from .candidates import respond, respond_options
     from .records import Prompt, read_jsonl
 
     config = _load(args)
-    c = config.candidates
-    prompts = read_jsonl(args.prompts, Prompt)
-    out = respond(_generator(args, config), prompts, args.out, n=c.n, temperature=c.temperature, top_p=c.top_p,
-                  max_new_tokens=c.max_new_tokens, batch_size=config.generation.batch_size, seed=config.seed)
+    out = respond(_generator(args, config), read_jsonl(args.prompts, Prompt), args.out, seed=config.seed,
+                  **respond_options(config))
     print(f"{len(out)} candidates ({sum(x.flagged for x in out)} flagged) -> {args.out}")
     return 0
 
 
 def cmd_judge(args) -> int:
-    from .judging import judge, load_template
+    from .judging import judge, judge_options
     from .records import Candidate, Prompt, read_jsonl
 
     config = _load(args)
-    j = config.judge
     out = judge(_generator(args, config), read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate),
-                args.out, k=j.k, temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens,
-                template=load_template(j.template), batch_size=config.generation.batch_size, seed=config.seed)
+                args.out, seed=config.seed, **judge_options(config))
     failed = sum(x.score is None for x in out)
     print(f"{len(out)} judgments, {failed} parse failures ({100 * failed / max(1, len(out)):.1f}%) -> {args.out}")
     return 0
@@ -188,7 +178,7 @@ def cmd_eval_judge(args) -> int:
     import json
 
     from .evaluation import as_stage_records, judge_agreement, load_ranked
-    from .judging import judge, load_template
+    from .judging import judge, judge_options
     from .pairs import candidate_scores
     from .records import atomic_write_text
 
@@ -198,11 +188,9 @@ def cmd_eval_judge(args) -> int:
         keep = list(dict.fromkeys(r.prompt_id for r in replies))[: args.max_prompts]
         replies = [r for r in replies if r.prompt_id in set(keep)]
     prompts, candidates = as_stage_records(replies)
-    j = config.judge
     args.out.mkdir(parents=True, exist_ok=True)
-    judgments = judge(_generator(args, config), prompts, candidates, args.out / "judgments.jsonl", k=j.k,
-                      temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens,
-                      template=load_template(j.template), batch_size=config.generation.batch_size, seed=config.seed)
+    judgments = judge(_generator(args, config), prompts, candidates, args.out / "judgments.jsonl", seed=config.seed,
+                      **judge_options(config))
     result = judge_agreement(replies, candidate_scores(judgments)).as_dict()
     failed = sum(x.score is None for x in judgments)
     result.update(model=args.model, data=str(args.data), split=args.split, judgments=len(judgments),

@@ -114,6 +114,13 @@ def contains_judge_text(response: str) -> bool:
     return bool(_GAMING.search(response))
 
 
+def judge_options(config) -> dict:
+    """judge's keyword arguments from a RunConfig (all but the seed)."""
+    j = config.judge
+    return dict(k=j.k, temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens,
+                template=load_template(j.template), batch_size=config.generation.batch_size)
+
+
 def judge(
     generator: Generator,
     prompts: Sequence[Prompt],

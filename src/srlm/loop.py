@@ -26,13 +26,13 @@ from tqdm.auto import tqdm
 
 from . import models
 from .backends import make_generator
-from .candidates import respond
+from .candidates import respond, respond_options
 from .config import RunConfig, config_to_yaml
 from .dpo import train_dpo
 from .errors import JudgeIntegrityError, RunDirError
-from .judging import judge, load_template
+from .judging import judge, judge_options, load_template
 from .pairs import select_pairs
-from .prompts import PromptAttempt, generate_prompts
+from .prompts import PromptAttempt, generate_prompts, prompt_options
 from .records import (
     Candidate,
     EFTExample,
@@ -155,18 +155,12 @@ class Run:
     def iteration(self, t: int, seed_prompts: list[str]) -> dict:
         cfg, folder, model_t = self.config, self.dir.iteration(t), self.dir.model(t)
         seed = cfg.seed + 1000 * t
-        bs = cfg.generation.batch_size
 
         def prompts_work():
             with _bar(cfg.prompts.num_prompts, f"iter {t} prompts") as bar:
-                p = cfg.prompts
-                prompts, attempts = generate_prompts(
-                    self._generator_for(model_t), seed_prompts, folder / "prompts.jsonl", iteration=t,
-                    num_prompts=p.num_prompts, few_shot_human=p.few_shot_human, few_shot_model=p.few_shot_model,
-                    temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens,
-                    min_words=p.min_words, max_words=p.max_words, blocked_keywords=p.blocked_keywords,
-                    rouge_l_max=p.rouge_l_max, max_attempts=int(p.num_prompts * p.max_attempts_factor),
-                    batch_size=bs, seed=seed, progress=bar)
+                prompts, attempts = generate_prompts(self._generator_for(model_t), seed_prompts,
+                                                     folder / "prompts.jsonl", iteration=t, seed=seed, progress=bar,
+                                                     **prompt_options(cfg))
             if not prompts:
                 raise JudgeIntegrityError(f"iteration {t}: every generated prompt was filtered out "
                                           f"({folder / 'prompts_attempts.jsonl'} says why)")
@@ -176,22 +170,18 @@ class Run:
                               lambda: read_jsonl(folder / "prompts.jsonl", Prompt))
 
         def candidates_work():
-            c = cfg.candidates
-            with _bar(len(prompts) * c.n, f"iter {t} candidates") as bar:
-                out = respond(self._generator_for(model_t), prompts, folder / "candidates.jsonl", n=c.n,
-                              temperature=c.temperature, top_p=c.top_p, max_new_tokens=c.max_new_tokens,
-                              batch_size=bs, seed=seed + 1, progress=bar)
+            with _bar(len(prompts) * cfg.candidates.n, f"iter {t} candidates") as bar:
+                out = respond(self._generator_for(model_t), prompts, folder / "candidates.jsonl", seed=seed + 1,
+                              progress=bar, **respond_options(cfg))
             return {"candidates": len(out), "flagged": sum(x.flagged for x in out)}
 
         candidates = self._stage(f"iter_{t}.candidates", candidates_work,
                                  lambda: read_jsonl(folder / "candidates.jsonl", Candidate))
 
         def judgments_work():
-            j = cfg.judge
-            with _bar(len(candidates) * j.k, f"iter {t} judgments") as bar:
-                out = judge(self._generator_for(model_t), prompts, candidates, folder / "judgments.jsonl", k=j.k,
-                            temperature=j.temperature, top_p=j.top_p, max_new_tokens=j.max_new_tokens,
-                            template=self.template, batch_size=bs, seed=seed + 2, progress=bar)
+            with _bar(len(candidates) * cfg.judge.k, f"iter {t} judgments") as bar:
+                out = judge(self._generator_for(model_t), prompts, candidates, folder / "judgments.jsonl",
+                            seed=seed + 2, progress=bar, **judge_options(cfg))
             failed = sum(x.score is None for x in out)
             return {"judgments": len(out), "parse_failures": failed}
 
