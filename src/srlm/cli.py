@@ -1,17 +1,20 @@
 """The `srlm` command line: `srlm run` for the whole method, one subcommand per stage for working on files.
 
 Exit codes: 0 ok; 2 usage; 3 config; 4 input data; 5 run directory; 6 model; 7 judge integrity;
-130 interrupted; 1 an unexpected error (a bug: please report it with the traceback).
+8 output not writable (disk full, read-only); 130 interrupted; 1 an unexpected error (a bug: please report it with the traceback).
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
 from pathlib import Path
 
-from .errors import SrlmError
+from .errors import OutputError, SrlmError
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 EPILOG = "Every config key (see `srlm config --list`) can be set with --set section.key=value."
 
@@ -118,19 +121,20 @@ def cmd_respond(args) -> int:
     from .records import Prompt, read_jsonl
 
     config = _load(args)
-    out = respond(_generator(args, config), read_jsonl(args.prompts, Prompt), args.out, seed=config.seed,
-                  **respond_options(config))
+    prompts = read_jsonl(args.prompts, Prompt)  # validated before minutes go into loading a model
+    out = respond(_generator(args, config), prompts, args.out, seed=config.seed, **respond_options(config))
     print(f"{len(out)} candidates ({sum(x.flagged for x in out)} flagged) -> {args.out}")
     return 0
 
 
 def cmd_judge(args) -> int:
     from .judging import judge, judge_options
-    from .records import Candidate, Prompt, read_jsonl
+    from .records import Candidate, Prompt, check_links, read_jsonl
 
     config = _load(args)
-    out = judge(_generator(args, config), read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate),
-                args.out, seed=config.seed, **judge_options(config))
+    prompts, candidates = read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate)
+    check_links(args.candidates, candidates, "prompt_id", prompts, args.prompts)
+    out = judge(_generator(args, config), prompts, candidates, args.out, seed=config.seed, **judge_options(config))
     failed = sum(x.score is None for x in out)
     print(f"{len(out)} judgments, {failed} parse failures ({100 * failed / max(1, len(out)):.1f}%) -> {args.out}")
     return 0
@@ -138,10 +142,13 @@ def cmd_judge(args) -> int:
 
 def cmd_pairs(args) -> int:
     from .pairs import select_pairs
-    from .records import Candidate, Judgment, Prompt, read_jsonl, write_jsonl
+    from .records import Candidate, Judgment, Prompt, check_links, read_jsonl, write_jsonl
 
-    selection = select_pairs(read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate),
-                             read_jsonl(args.judgments, Judgment), exclude_flagged=not args.keep_flagged)
+    prompts, candidates = read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate)
+    judgments = read_jsonl(args.judgments, Judgment)
+    check_links(args.candidates, candidates, "prompt_id", prompts, args.prompts)
+    check_links(args.judgments, judgments, "candidate_id", candidates, args.candidates)
+    selection = select_pairs(prompts, candidates, judgments, exclude_flagged=not args.keep_flagged)
     write_jsonl(args.out, selection.pairs)
     dropped = ", ".join(f"{v} {k}" for k, v in selection.dropped.items()) or "none"
     print(f"{len(selection.pairs)} pairs -> {args.out}; prompts dropped: {dropped}")
@@ -153,9 +160,9 @@ def cmd_dpo(args) -> int:
     from .records import Pair, read_jsonl
 
     config = _load(args)
+    pairs = read_jsonl(args.pairs, Pair)
     reference = _model_path(args.reference, config) if args.reference else None
-    out = train_dpo(_model_path(args.model, config), read_jsonl(args.pairs, Pair), args.out, config,
-                    reference_path=reference)
+    out = train_dpo(_model_path(args.model, config), pairs, args.out, config, reference_path=reference)
     print(out)
     return 0
 
@@ -361,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     except SrlmError as e:
         print(f"srlm: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # A write refused deep inside a library (a Trainer checkpoint, a tokenizer file): still the user's to fix.
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        print(f"srlm: error: {e.filename or 'output'}: cannot write: {e.strerror}; complete stages and records "
+              "are kept, rerun (or `srlm run --resume DIR`) after fixing it", file=sys.stderr)
+        return OutputError.exit_code
     except KeyboardInterrupt:
         print("srlm: interrupted; `srlm run --resume DIR` continues a run where it stopped", file=sys.stderr)
         return 130

@@ -48,3 +48,11 @@ class JudgeIntegrityError(SrlmError):
     """The judge failed too often (or saturated) for its scores to be worth training on."""
 
     exit_code = 7
+
+
+class OutputError(SrlmError):
+    """An output cannot be written (disk full, read-only file system, no permission). What was written before
+    stays valid: whole files are published by rename and record logs keep their complete lines, so freeing
+    space and rerunning resumes."""
+
+    exit_code = 8

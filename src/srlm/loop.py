@@ -97,6 +97,11 @@ class Run:
             if changed:
                 atomic_write_text(self.dir.config_path, config_to_yaml(config))
         else:
+            # Validate every input at the door, so that a typo never leaves a half-made run directory behind.
+            self.template = load_template(config.judge.template)
+            models.check(config.model)
+            load_ift(config.data.ift, config.data.ift_limit)
+            load_eft(config.data.eft, config.data.eft_limit)
             self.dir.create(config)
         self.template = load_template(config.judge.template)
         self._generator = None

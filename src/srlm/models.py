@@ -75,20 +75,34 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def resolve(model: ModelConfig) -> Path | str:
-    """Where to load M0 from: a local checkpoint directory, or (only when allowed) a hub id."""
+def embedded_cache() -> Path:
+    return cache_dir() / "models" / "smollm2-135m-instruct"
+
+
+def check(model: ModelConfig) -> None:
+    """Refuse a model that cannot be loaded, cheaply and before a run directory is made (no conversion, no
+    download): a typo in the model path should cost a second, not a half-made run."""
+    if model.name_or_path == EMBEDDED_MODEL:
+        if not (embedded_cache() / "config.json").exists():
+            embedded_gguf_path()
+        return
+    _local_or_hub(model)
+
+
+def _local_or_hub(model: ModelConfig) -> Path | str:
     name = model.name_or_path
-    if name == EMBEDDED_MODEL:
-        target = cache_dir() / "models" / "smollm2-135m-instruct"
-        if not (target / "config.json").exists():
-            convert_gguf(embedded_gguf_path(), target)
-        return target
     if name.startswith("embedded:"):
         raise ModelError(f"model.name_or_path={name!r}: unknown embedded model; the one shipped is {EMBEDDED_MODEL!r}")
     path = Path(name).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
+        if not path.is_dir() or not (path / "config.json").exists():
             raise ModelError(f"{path}: not a Hugging Face model directory (no config.json)")
+        if not any(path.glob("*.safetensors")):
+            pickled = sorted(x.name for x in path.glob("*.bin")) + sorted(x.name for x in path.glob("*.pt"))
+            found = f"found only {', '.join(pickled)}" if pickled else "found no weight files"
+            raise ModelError(f"{path}: no *.safetensors weights ({found}); srlm loads safetensors only, since "
+                             "pickled weights can run code when loaded. Convert them once with transformers "
+                             "(`AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out)`) where you trust them")
         return path
     looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -99,6 +113,17 @@ def resolve(model: ModelConfig) -> Path | str:
             "by default: set model.allow_online=true to download it"
         )
     return name
+
+
+def resolve(model: ModelConfig) -> Path | str:
+    """Where to load M0 from: the embedded model (converted once), a local checkpoint directory, or (only when
+    allowed) a hub id."""
+    if model.name_or_path == EMBEDDED_MODEL:
+        target = embedded_cache()
+        if not (target / "config.json").exists():
+            convert_gguf(embedded_gguf_path(), target)
+        return target
+    return _local_or_hub(model)
 
 
 def pick_device(device: str) -> str:

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import InputError
+from .errors import InputError, OutputError
 
 
 class Record(BaseModel):
@@ -112,8 +112,7 @@ R = TypeVar("R", bound=Record)
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            yield number, raw
+        yield from enumerate(f, start=1)
 
 
 def _describe(error: dict) -> tuple[str, str]:
@@ -199,6 +198,18 @@ def read_jsonl(path: str | os.PathLike, model: type[R], *, allow_empty: bool = F
     return records
 
 
+def check_links(path: str | os.PathLike, records: Sequence[Record], field: str, parents: Sequence[Record],
+                parents_path: str | os.PathLike) -> None:
+    """Every record's `field` must name a record of `parents` (e.g. a candidate's prompt_id): files of a stage
+    given separately on the command line may come from different runs."""
+    known = {p.id for p in parents}
+    for record in records:
+        value = getattr(record, field)
+        if value not in known:
+            raise InputError(f"{value!r} (record {record.id!r}) is not an id in {parents_path}; the files must come "
+                             "from the same run", path=Path(path), field=field)
+
+
 def _fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
@@ -212,16 +223,29 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def write_failed(path: Path, error: OSError, after: str) -> OutputError:
+    """The error for a write the system refused (disk full, read-only, permission), saying what survives."""
+    reason = error.strerror or str(error)
+    return OutputError(f"{path}: cannot write: {reason} (errno {error.errno}); {after}")
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `path` so that a crash leaves either the old file or the whole new one."""
+    """Write `text` to `path` so that a crash leaves either the old file or the whole new one.
+
+    A refused write (disk full, read-only directory) raises OutputError and leaves no temp file behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(path, e, "nothing was written under that name (any previous version is intact)") from e
     _fsync_dir(path.parent)
 
 
@@ -245,7 +269,10 @@ class RecordLog:
         self.partial = self.path.with_name(self.path.name + ".partial")
         self.model = model
         self.records: list[R] = []
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise write_failed(self.path.parent, e, "nothing was written") from e
         if self.path.exists() and not self.partial.exists():
             # Reopened after it was finished (e.g. a crash before the stage's next output): keep everything.
             os.replace(self.path, self.partial)
@@ -274,17 +301,24 @@ class RecordLog:
         new = [r for r in records if r.id not in self.done]
         if not new:
             return
-        with open(self.partial, "a", encoding="utf-8") as f:
-            f.write("".join(dumps(r) + "\n" for r in new))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with open(self.partial, "a", encoding="utf-8") as f:
+                f.write("".join(dumps(r) + "\n" for r in new))
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise write_failed(self.partial, e, f"the {len(self.records)} records written before are kept; free "
+                                                "space or fix permissions and rerun to resume") from e
         self.records.extend(new)
         self.done.update(r.id for r in new)
 
     def finish(self) -> list[R]:
         """Publish the file under its final name; from then on it counts as complete."""
-        if not self.partial.exists():
-            self.partial.write_text("", encoding="utf-8")
-        os.replace(self.partial, self.path)
+        try:
+            if not self.partial.exists():
+                self.partial.write_text("", encoding="utf-8")
+            os.replace(self.partial, self.path)
+        except OSError as e:
+            raise write_failed(self.path, e, "the records stay in the .partial file; rerun to resume") from e
         _fsync_dir(self.path.parent)
         return self.records

@@ -26,15 +26,21 @@ def load_ift(path: Path | None = None, limit: int | None = None) -> list[IFTExam
 def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExample]:
     path = path or shipped("eft")
     records = read_jsonl(path, EFTExample)
-    for number, record in enumerate(records, start=1):
+    for (number, _), record in zip(_record_lines(path), records):
         score, error = parse_score(record.judgment)
         if error is not None:
             raise InputError(f"record {record.id!r}: the judgment must end with 'Score: N' ({error})",
-                             path=path, field="judgment")
+                             path=path, line=number, field="judgment")
         if score != record.score:
             raise InputError(f"record {record.id!r}: judgment concludes 'Score: {score:g}' but score is {record.score}",
-                             path=path, field="score")
+                             path=path, line=number, field="score")
     return balanced_head(records, limit) if limit else records
+
+
+def _record_lines(path: Path):
+    """(line number, raw line) of each non-blank line: the lines `read_jsonl` made records from, in order."""
+    with open(path, "rb") as f:
+        return [(n, raw) for n, raw in enumerate(f, start=1) if raw.strip()]
 
 
 def balanced_head(records: list[EFTExample], limit: int) -> list[EFTExample]:
