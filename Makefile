@@ -1,4 +1,4 @@
-# One command sets up and runs, one runs the tests. Both start from nothing but Python >= 3.10.
+# One command sets up and runs, one runs the tests. Both start from nothing but Python >= 3.11.
 PYTHON ?= python3
 VENV   ?= .venv
 # The CPU build of PyTorch. On a GPU machine: make run TORCH=torch (or a CUDA build of your choice).

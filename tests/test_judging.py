@@ -82,3 +82,64 @@ def test_custom_template_must_have_both_slots(tmp_path):
 ])
 def test_judge_format_text_in_a_response_is_flagged(text, flagged):
     assert contains_judge_text(text) is flagged
+
+
+# -- the expected judge mode -------------------------------------------------------------------------------
+
+def test_expected_score_is_the_renormalised_mean_and_fails_without_mass():
+    from srlm.judging import expected_score
+
+    assert expected_score([0, 0, 0, 0.25, 0.25, 0], 0.5) == (3.5, None)
+    assert expected_score([0.1, 0, 0, 0, 0, 0.5], 0.5) == (pytest.approx(2.5 / 0.6), None)
+    score, error = expected_score([0.1, 0.1, 0, 0, 0, 0.1], 0.5)
+    assert score is None and "got 30% of the probability" in error
+
+
+@pytest.fixture(scope="module")
+def tiny_generator(tiny_model):
+    from srlm.backends import HFGenerator
+    from srlm.config import ModelConfig
+
+    return HFGenerator(tiny_model, ModelConfig(), "cpu", batch_size=3)
+
+
+def test_prefix_reuse_gives_the_same_probabilities(tiny_generator):
+    from srlm.judging import SCORE_CHOICES, judge_request
+
+    requests = [judge_request(PAPER_TEMPLATE, f"Question number {i}?", "An answer " * i) for i in range(5)]
+    prefix, rows = tiny_generator._split_prefix([tiny_generator.render(r) + "Score:" for r in requests])
+    assert len(prefix) > 100 and rows is not None  # the rubric is shared and cut cleanly
+    plain = tiny_generator.choice_probs(requests, "Score:", SCORE_CHOICES, reuse_prefix=False)
+    reused = tiny_generator.choice_probs(requests, "Score:", SCORE_CHOICES, reuse_prefix=True)
+    for a, b in zip(plain, reused):
+        assert len(a) == 6 and 0 < sum(a) <= 1.0001
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_expected_judging_writes_one_scored_judgment_per_candidate_and_resumes(tiny_generator, tmp_path):
+    from srlm.judging import judge_expected
+    from srlm.records import Candidate, Judgment, Prompt, read_jsonl
+
+    prompts = [Prompt(id=f"p{i}", text=f"Question {i}?", iteration=1) for i in range(2)]
+    candidates = [Candidate(id=f"p{i}-c{n}", prompt_id=f"p{i}", index=n, text=f"Answer {n} " * (n + 1))
+                  for i in range(2) for n in range(3)]
+    out = judge_expected(tiny_generator, prompts, candidates, tmp_path / "j.jsonl", min_mass=0.0)
+    assert [j.candidate_id for j in out] == [c.id for c in candidates]
+    for j in out:
+        assert j.error is None and 0 <= j.score <= 5 and len(j.score_probs) == 6
+    again = judge_expected(tiny_generator, prompts, candidates, tmp_path / "j.jsonl", min_mass=0.0)
+    assert again == out
+    assert sorted(read_jsonl(tmp_path / "j.jsonl", Judgment), key=lambda j: j.id) == sorted(out, key=lambda j: j.id)
+    strict = judge_expected(tiny_generator, prompts, candidates, tmp_path / "strict.jsonl", min_mass=1.0)
+    assert all(j.score is None and "of the probability" in j.error for j in strict)
+
+
+def test_expected_mode_needs_token_probabilities(tmp_path):
+    from srlm.judging import judge_expected
+
+    class TextOnly:
+        def generate(self, requests, params):
+            return []
+
+    with pytest.raises(ConfigError, match="only the hf backend"):
+        judge_expected(TextOnly(), [], [], tmp_path / "j.jsonl")

@@ -171,3 +171,52 @@ def test_resume_may_extend_iterations_but_not_change_the_method(reference_run, t
     assert (copy / "models" / "M4" / "model.safetensors").exists()
     assert "iterations: 3" in (copy / "config.yaml").read_text()
     assert artifacts(copy) == artifacts(root)  # iterations 1 and 2 untouched
+
+
+def test_expected_judge_mode_and_evaluation_of_every_model(tiny_model, tmp_path, capsys):
+    from conftest import FIXTURES
+    from srlm.report import report
+
+    overrides = [*tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl"), "iterations=1",
+                 f"eval.judge_data={FIXTURES / 'importers' / 'ranked.jsonl'}", "eval.judge_split=all",
+                 f"eval.ifeval_data={FIXTURES / 'ifeval' / 'input_data.jsonl'}", "eval.ifeval_max_new_tokens=8",
+                 f"eval.h2h_prompts={FIXTURES / 'h2h_reference_outputs.json'}", "eval.h2h_max_new_tokens=8",
+                 "judge.mode=expected", "judge.expected_min_mass=0"]
+    root = tmp_path / "run"
+    summary = run(load_config(overrides=overrides), root)
+    # judge.mode=expected: one judgment per candidate, scored from the next-token distribution.
+    candidates = read_jsonl(root / "iter_1" / "candidates.jsonl", Candidate)
+    judgments = read_jsonl(root / "iter_1" / "judgments.jsonl", Judgment)
+    assert sorted(j.candidate_id for j in judgments) == sorted(c.id for c in candidates)
+    assert all(j.score is not None and len(j.score_probs) == 6 for j in judgments)
+    # Continuous scores almost never tie: every prompt gives a pair.
+    assert summary["iterations"][1]["pairs"] == len({c.prompt_id for c in candidates}) > 0
+
+    lines = [json.loads(x) for x in (root / "eval.jsonl").read_text().splitlines()]
+    assert [x["model"] for x in lines] == ["M1", "M2"]
+    for x in lines:
+        assert x["judge"]["replies_scored"] == 9 and x["judge"]["prompts"] == 4  # 4 prompts, 2-3 replies each
+        assert 0 <= x["judge"]["pairwise_accuracy"] <= 1
+        assert x["ifeval"]["prompts"] == 6 and 0 <= x["ifeval"]["prompt_level_strict_acc"] <= 1
+        assert x["ifeval"]["mean_response_tokens"] <= 8
+    # Head-to-head of each model against the one before it: M2 vs M1, both orders, judged by M2 itself.
+    assert "h2h_vs_previous" not in lines[0]
+    h2h = lines[1]["h2h_vs_previous"]
+    assert (h2h["a"], h2h["b"], h2h["prompts"], h2h["judgments"]) == ("M2", "M1", 3, 6)
+    assert (root / "eval.png").stat().st_size > 0
+    assert "judge pairwise accuracy" in capsys.readouterr().out
+    table = report(root, png=False)
+    assert "IFEval prompt strict" in table and "M2" in table
+
+
+def test_a_bad_eval_set_fails_before_any_training(tiny_model, tmp_path):
+    from conftest import FIXTURES
+    from srlm.errors import InputError
+
+    bad = tmp_path / "ifeval.jsonl"
+    bad.write_text('{"key": 1, "prompt": "Write.", "instruction_id_list": "x", "kwargs": []}\n')
+    overrides = [*tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl"),
+                 f"eval.ifeval_data={bad}"]
+    with pytest.raises(InputError, match="ifeval.jsonl:1"):
+        run(load_config(overrides=overrides), tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -85,9 +85,14 @@ def cmd_sft(args) -> int:
 
 
 def _generator(args, config):
+    return _generator_for(args.model, config)
+
+
+def _generator_for(name: str, config):
     from .backends import make_generator
 
-    return make_generator(config, _model_path(args.model, config))
+    # A server knows its models by the names it was started with: send the name as given, unresolved.
+    return make_generator(config, name if config.generation.backend == "openai" else _model_path(name, config))
 
 
 def _seed_prompts(path: Path) -> list[str]:
@@ -105,36 +110,45 @@ def _seed_prompts(path: Path) -> list[str]:
 
 
 def cmd_prompts(args) -> int:
+    from .progress import bar
     from .prompts import generate_prompts, prompt_options
     from .seed import load_ift
 
     config = _load(args)
     pool = _seed_prompts(args.seed_prompts) if args.seed_prompts else [x.prompt for x in load_ift(config.data.ift)]
-    prompts, attempts = generate_prompts(_generator(args, config), pool, args.out, iteration=args.iteration,
-                                         seed=config.seed, **prompt_options(config, args.num))
+    options = prompt_options(config, args.num)
+    with bar(options["num_prompts"], "prompts") as progress:
+        prompts, attempts = generate_prompts(_generator(args, config), pool, args.out, iteration=args.iteration,
+                                             seed=config.seed, progress=progress, **options)
     print(f"{len(prompts)} prompts kept of {len(attempts)} generated -> {args.out}")
     return 0
 
 
 def cmd_respond(args) -> int:
     from .candidates import respond, respond_options
+    from .progress import bar
     from .records import Prompt, read_jsonl
 
     config = _load(args)
     prompts = read_jsonl(args.prompts, Prompt)  # validated before minutes go into loading a model
-    out = respond(_generator(args, config), prompts, args.out, seed=config.seed, **respond_options(config))
+    with bar(len(prompts) * config.candidates.n, "candidates") as progress:
+        out = respond(_generator(args, config), prompts, args.out, seed=config.seed, progress=progress,
+                      **respond_options(config))
     print(f"{len(out)} candidates ({sum(x.flagged for x in out)} flagged) -> {args.out}")
     return 0
 
 
 def cmd_judge(args) -> int:
-    from .judging import judge, judge_options
+    from .judging import judgments_per_candidate, run_judge
+    from .progress import bar
     from .records import Candidate, Prompt, check_links, read_jsonl
 
     config = _load(args)
     prompts, candidates = read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate)
     check_links(args.candidates, candidates, "prompt_id", prompts, args.prompts)
-    out = judge(_generator(args, config), prompts, candidates, args.out, seed=config.seed, **judge_options(config))
+    with bar(len(candidates) * judgments_per_candidate(config), "judgments") as progress:
+        out = run_judge(_generator(args, config), prompts, candidates, args.out, config, seed=config.seed,
+                        progress=progress)
     failed = sum(x.score is None for x in out)
     print(f"{len(out)} judgments, {failed} parse failures ({100 * failed / max(1, len(out)):.1f}%) -> {args.out}")
     return 0
@@ -181,30 +195,173 @@ def cmd_data_validate(args) -> int:
     return 0 if report.ok else 4
 
 
-def cmd_eval_judge(args) -> int:
-    import json
+def _import_ranked(args, out: Path):
+    from .evaluation import load_ranked
+    from .importers import import_ranked, judgments_path
+    from .judging import judge_options
+    from .progress import bar
 
-    from .evaluation import as_stage_records, judge_agreement, load_ranked
-    from .judging import judge, judge_options
-    from .pairs import candidate_scores
-    from .records import atomic_write_text
+    if args.hf:
+        raise SrlmError("--from ranked reads a local file (ranked-reply JSONL or the oasst2-srlm export), not --hf")
+    if not args.model:
+        raise SrlmError("--from ranked needs --model: the model that judges every reply (the paper used its IFT-only "
+                        "SFT model, PAPER.md §2)")
+    config = _load(args)
+    replies = load_ranked(args.src, args.split)  # validated before minutes go into loading a model
+    side = judgments_path(out)
+    if side.exists() or side.with_name(side.name + ".partial").exists():
+        print(f"[srlm] reusing the judgments already in {side} (delete it after changing the model or judge "
+              "settings)", file=sys.stderr)
+    prompt_ids = list(dict.fromkeys(r.prompt_id for r in replies))[: args.max_prompts]
+    total = sum(r.prompt_id in set(prompt_ids) for r in replies) * config.judge.k
+    with bar(total, "judging replies") as progress:
+        return import_ranked(_generator(args, config), replies, side, seed=config.seed, max_prompts=args.max_prompts,
+                             progress=progress, **judge_options(config))
+
+
+def cmd_data_import(args) -> int:
+    from .errors import InputError, JudgeIntegrityError
+    from .importers import TARGETS, check_target, import_file, import_hf
+    from .records import write_jsonl
+
+    kind, out = args.to[0], Path(args.to[1])
+    if kind not in TARGETS:
+        raise SrlmError(f"--to {kind} {out}: the first value must be one of {', '.join(TARGETS)}, the second the "
+                        "output file")
+    check_target(args.source_format, kind)
+    if (args.src is None) == (args.hf is None):
+        raise SrlmError("give the input either as SRC (a local file) or as --hf DATASET_ID"
+                        + (", not both" if args.src else ""))
+    if args.max_prompts is not None and args.max_prompts < 1:
+        raise SrlmError(f"--max-prompts {args.max_prompts}: must be at least 1")
+    lang = None if args.lang == "any" else args.lang
+    if args.source_format == "ranked":
+        records, report = _import_ranked(args, out)
+    elif args.hf:
+        records, report = import_hf(args.source_format, args.hf, kind, split=args.hf_split,
+                                    allow_online=args.allow_online, lang=lang, limit=args.max_prompts)
+    else:
+        records, report = import_file(args.source_format, args.src, kind, lang=lang, limit=args.max_prompts)
+    print(report.render(), file=sys.stderr)
+    if not records:
+        if args.source_format == "ranked":
+            raise JudgeIntegrityError(f"no EFT example: the judge agreed with the human ranking on no prompt (see "
+                                      f"the counts above); {out} was not written")
+        raise InputError(f"nothing to import: every one of the {report.read} {report.unit} was dropped (see the "
+                         f"counts above); {out} was not written", path=args.src or f"hf:{args.hf}")
+    write_jsonl(out, records)
+    print(f"{len(records)} {kind} records -> {out}")
+    return 0
+
+
+def cmd_eval_judge(args) -> int:
+    from .evaluation import first_prompts, load_ranked, measure_judge
+    from .judging import judgments_per_candidate
+    from .progress import bar
 
     config = _load(args)
-    replies = load_ranked(args.data, args.split)
-    if args.max_prompts:
-        keep = list(dict.fromkeys(r.prompt_id for r in replies))[: args.max_prompts]
-        replies = [r for r in replies if r.prompt_id in set(keep)]
-    prompts, candidates = as_stage_records(replies)
-    args.out.mkdir(parents=True, exist_ok=True)
-    judgments = judge(_generator(args, config), prompts, candidates, args.out / "judgments.jsonl", seed=config.seed,
-                      **judge_options(config))
-    result = judge_agreement(replies, candidate_scores(judgments)).as_dict()
-    failed = sum(x.score is None for x in judgments)
-    result.update(model=args.model, data=str(args.data), split=args.split, judgments=len(judgments),
-                  parse_failures=failed, parse_failure_rate=failed / len(judgments) if judgments else None)
-    atomic_write_text(args.out / "judge_agreement.json", json.dumps(result, indent=2) + "\n")
+    replies = first_prompts(load_ranked(args.data, args.split), args.max_prompts)
+    with bar(len(replies) * judgments_per_candidate(config), "judgments") as progress:
+        result = measure_judge(_generator(args, config), replies, args.out, config, seed=config.seed,
+                               about=dict(model=args.model, data=str(args.data), split=args.split), progress=progress)
     for key, value in result.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, found {value}")
+    return value
+
+
+def cmd_eval_ifeval(args) -> int:
+    import json
+
+    from . import ifeval
+    from .records import atomic_write_text, write_jsonl
+
+    if (args.model is None) == (args.responses is None):
+        raise SrlmError("give --model M (generate responses and score them) or --responses FILE (score responses "
+                        "made elsewhere), one of the two")
+    every = ifeval.load_prompts(args.data)  # validated before minutes go into loading a model
+    rows = every[: args.limit] if args.limit else every
+    args.out.mkdir(parents=True, exist_ok=True)
+    about = dict(model=args.model, data=str(args.data), responses=None, limit=args.limit)
+    if args.responses:
+        responses = ifeval.load_responses(args.responses, rows, every)
+        about.update(responses=str(args.responses))
+    else:
+        config = _load(args)
+        model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+        ifeval.check_settings(args.out, dict(model=model, data=str(args.data.resolve()),
+                                             max_new_tokens=args.max_new_tokens, temperature=0.0))
+        responses = ifeval.generate_responses(_generator(args, config), rows, args.out / "responses.jsonl",
+                                              max_new_tokens=args.max_new_tokens,
+                                              batch_size=config.generation.batch_size, seed=config.seed)
+        about.update(max_new_tokens=args.max_new_tokens)
+    result, per_prompt = ifeval.score(rows, {r.key: r.response for r in responses})
+    write_jsonl(args.out / "results.jsonl", per_prompt)
+    summary = ifeval.summary(result, responses, about)
+    atomic_write_text(args.out / "ifeval.json", json.dumps(summary, indent=2) + "\n")
+    print(ifeval.render(summary))
+    print(f"-> {args.out / 'ifeval.json'}")
+    return 0
+
+
+def cmd_eval_h2h(args) -> int:
+    from .h2h import Side, head_to_head, load_instructions, load_outputs, load_pairwise_template, render
+
+    if args.judge_url:
+        if args.judge:
+            raise SrlmError("give the judge as --judge self|MODEL or as --judge-url URL --judge-model NAME, not both")
+        if not args.judge_model:
+            raise SrlmError("--judge-url needs --judge-model NAME: the model name the server knows (e.g. gpt-4-turbo)")
+        if not args.judge_url.startswith(("http://", "https://")):
+            raise SrlmError(f"--judge-url {args.judge_url}: expected an http:// or https:// URL, e.g. "
+                            "https://api.openai.com/v1")
+    elif not args.judge:
+        raise SrlmError("no judge: give --judge self (model A judges), --judge MODEL (a local model) or --judge-url "
+                        "URL --judge-model NAME (an OpenAI-compatible endpoint)")
+    if args.judge == "self" and not args.a:
+        raise SrlmError("--judge self means model A judges, so it needs --a MODEL (not --a-outputs)")
+    config = _load(args)
+    template = load_pairwise_template(args.judge_template)
+    instructions = load_instructions(args.prompts)[: args.max_prompts]  # validated before any model loads
+
+    def name(model: str) -> str:
+        return str(Path(model).resolve()) if Path(model).exists() else model
+
+    def side(model: str | None, outputs: Path | None) -> Side:
+        if outputs is not None:
+            return Side(name=str(outputs), outputs=load_outputs(outputs))
+        return Side(name=name(model), generator=lambda: _generator_for(model, config))
+
+    g = config.generation
+    if args.judge_url:
+        from .backends import OpenAIGenerator
+
+        judge_name = f"{args.judge_model} at {args.judge_url}"
+
+        def judge():
+            return OpenAIGenerator(args.judge_url, args.judge_model, api_key_env=args.judge_api_key_env,
+                                   concurrency=g.concurrency, timeout_s=g.timeout_s, max_retries=g.max_retries)
+    else:
+        judge_model = args.a if args.judge == "self" else args.judge
+        judge_name = f"self ({name(args.a)})" if args.judge == "self" else name(args.judge)
+
+        def judge():
+            return _generator_for(judge_model, config)
+
+    summary = head_to_head(instructions, side(args.a, args.a_outputs), side(args.b, args.b_outputs), judge, args.out,
+                           judge_name=judge_name, template=template, temperature=args.temperature,
+                           top_p=config.candidates.top_p,
+                           max_new_tokens=args.max_new_tokens or config.candidates.max_new_tokens,
+                           judge_max_new_tokens=args.judge_max_new_tokens or config.judge.max_new_tokens,
+                           batch_size=g.batch_size, seed=config.seed, resamples=args.resamples)
+    print(render(summary))
+    print(f"-> {args.out / 'h2h.json'}")
     return 0
 
 
@@ -313,7 +470,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shipped", action="store_true", help="validate the seed shipped with srlm")
     p.set_defaults(func=cmd_data_validate)
 
-    p = sub.add_parser("eval", help="measure a model: judge agreement with human rankings")
+    import textwrap
+
+    from .importers import FORMATS, RANKED_HELP
+    from .validate import MAX_SCORE_SHARE
+
+    def entry(name: str, text: str) -> str:
+        return textwrap.fill(text, 100, initial_indent=f"  {name:<15}", subsequent_indent=" " * 17)
+
+    ranked = (f"(-> eft) {RANKED_HELP}: each reply is judged k times (judge.k); a prompt is kept when the judge's "
+              "mean scores order every reply pair that humans scored differently the same way, with no judge tie; "
+              f"then each score is capped so none is over {MAX_SCORE_SHARE:.0%} of the set. The judgments go to OUT with "
+              "the suffix "
+              ".judgments.jsonl, and a rerun reuses them.")
+    p = data_sub.add_parser(
+        "import", help="convert OpenAssistant, Alpaca, Dolly, ShareGPT, chat, Self-Instruct or ranked replies to "
+                       "IFT / EFT / prompts",
+        description="\n".join([
+            textwrap.fill("Convert a dataset to srlm records: IFT examples, EFT examples or prompts (source=user). "
+                          "Rows that do not fit the method are dropped and counted by reason (on stderr); duplicate "
+                          "prompts are dropped; a malformed row stops the import naming its file, line (or array "
+                          "element) and field (exit 4). Local files only, unless --hf DATASET_ID --allow-online.",
+                          100),
+            "", "formats (-> ift or prompts):", *(entry(name, spec.help) for name, spec in FORMATS.items()),
+            entry("ranked", ranked), "",
+            "example: srlm data import --from oasst trees.jsonl --to ift ift.jsonl"]),
+        epilog=EPILOG,
+        formatter_class=type("ImportHelp", (argparse.RawDescriptionHelpFormatter, fmt), {}),
+    )
+    p.add_argument("--from", dest="source_format", required=True, choices=[*FORMATS, "ranked"], metavar="FORMAT",
+                   help=f"input format: {', '.join([*FORMATS, 'ranked'])}")
+    p.add_argument("src", nargs="?", type=Path, metavar="SRC", help="the local JSON/JSONL file")
+    p.add_argument("--to", nargs=2, required=True, metavar=("{ift,eft,prompts}", "OUT"),
+                   help="what to write, and the JSONL file to write it to")
+    p.add_argument("--lang", default="en", help="oasst: the language kept (a code as in the export; any: all)")
+    p.add_argument("--split", choices=["eval", "train", "all"], default="train",
+                   help="ranked: the fixed split by prompt id that `srlm eval judge` uses (eval: sha256(prompt_id) "
+                        "%% 4 == 0); train keeps EFT apart from what eval measures")
+    p.add_argument("--max-prompts", type=int, metavar="N",
+                   help="ranked: judge only the first N prompts (bounds the cost); other formats: keep the first N")
+    p.add_argument("--model", help="ranked: the model that judges (model directory or embedded:...)")
+    p.add_argument("--hf", metavar="DATASET_ID", help="read a Hugging Face dataset instead of SRC (needs "
+                                                      "--allow-online)")
+    p.add_argument("--hf-split", default="train", help="the split of the --hf dataset")
+    p.add_argument("--allow-online", action="store_true", help="let --hf download from the Hugging Face Hub")
+    _config_options(p)
+    p.set_defaults(func=cmd_data_import)
+
+    p = sub.add_parser("eval", help="measure a model: judge agreement with human rankings, IFEval, head-to-head "
+                                    "win rates")
     eval_sub = p.add_subparsers(dest="eval_command", required=True, metavar="COMMAND")
     p = eval_sub.add_parser("judge", help="reward-modeling agreement with human rankings (PAPER.md §5)",
                             description="Judge every reply of prompts with several human-rated replies and report "
@@ -329,6 +534,63 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory for judgments.jsonl and judge_agreement.json")
     _config_options(p)
     p.set_defaults(func=cmd_eval_judge)
+
+    p = eval_sub.add_parser("ifeval", help="IFEval instruction-following accuracy (offline)",
+                            description="Answer IFEval's prompts greedily with --model (or take responses made "
+                                        "elsewhere with --responses) and report prompt- and instruction-level "
+                                        "accuracy, strict and loose, with IFEval's own checks. Writes DIR/"
+                                        "responses.jsonl (resumable), DIR/results.jsonl and DIR/ifeval.json.",
+                            epilog=EPILOG, formatter_class=fmt)
+    p.add_argument("--model", help="the model that answers (or give --responses)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="IFEval's input_data.jsonl: {key, prompt, instruction_id_list, kwargs} a line")
+    p.add_argument("--responses", type=Path,
+                   help="score these responses instead of generating: JSONL of {key or prompt, response} (the "
+                        "official format is {prompt, response})")
+    p.add_argument("--out", type=Path, required=True, help="directory for responses.jsonl, results.jsonl, ifeval.json")
+    p.add_argument("--limit", type=_positive_int, help="score only the first N prompts of --data")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=512,
+                   help="length cap of a response (lm-evaluation-harness uses 1280); cut responses are counted")
+    _config_options(p)
+    p.set_defaults(func=cmd_eval_ifeval)
+
+    p = eval_sub.add_parser(
+        "h2h", help="head-to-head win rate of model A against B, judged pairwise in both orders (PAPER.md §5)",
+        description="A and B each answer the prompts (or bring outputs from a file); the judge compares every pair "
+                    "twice, with A's response shown first and with B's, and a pair is a win or a loss only when both "
+                    "orders agree (otherwise a tie, as in the paper). Reports win / tie / loss rates, the win rate "
+                    "(wins + ties/2) and a length-controlled win rate with bootstrap 95% intervals, mean response "
+                    "lengths and parse failures. Writes DIR/outputs_a.jsonl, outputs_b.jsonl, verdicts.jsonl "
+                    "(resumable) and DIR/h2h.json.", epilog=EPILOG, formatter_class=fmt)
+    for letter in ("a", "b"):
+        group = p.add_mutually_exclusive_group(required=True)
+        group.add_argument(f"--{letter}", metavar="MODEL",
+                           help=f"model {letter.upper()}: a model directory or embedded:smollm2-135m-instruct")
+        group.add_argument(f"--{letter}-outputs", type=Path, metavar="FILE",
+                           help=f"{letter.upper()}'s responses from a file instead, matched to the prompts by "
+                                "instruction text: AlpacaEval's model_outputs.json, or JSONL of {instruction, output}")
+    p.add_argument("--prompts", type=Path, required=True,
+                   help="JSONL of srlm prompts ({id, text, ...}) or of {instruction} / {prompt} rows, or a JSON array "
+                        "of such objects (AlpacaEval's model_outputs.json)")
+    p.add_argument("--judge", metavar="J", help="self (model A judges) or a local model directory")
+    p.add_argument("--judge-url", metavar="URL", help="judge with an OpenAI-compatible endpoint instead, e.g. "
+                                                      "https://api.openai.com/v1 or http://localhost:8000/v1")
+    p.add_argument("--judge-model", metavar="NAME", help="with --judge-url: the judge's model name on that server")
+    p.add_argument("--judge-api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+                   help="with --judge-url: the environment variable holding the API key (unset: no key)")
+    p.add_argument("--judge-template", type=Path, metavar="FILE",
+                   help="your pairwise judge prompt, with <INSTRUCTION_HERE>, <RESPONSE_A_HERE> and <RESPONSE_B_HERE> "
+                        "(unset: srlm's own, ending in 'Winner: A/B/tie')")
+    p.add_argument("--out", type=Path, required=True, help="directory for the outputs, verdicts and h2h.json")
+    p.add_argument("--max-prompts", type=_positive_int, metavar="N", help="compare on the first N prompts only")
+    p.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
+                   help="length cap of a response of A or B (unset: candidates.max_new_tokens)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of A and B (0: greedy)")
+    p.add_argument("--judge-max-new-tokens", type=_positive_int, metavar="N",
+                   help="length cap of a judgment (unset: judge.max_new_tokens)")
+    p.add_argument("--resamples", type=_positive_int, default=1000, help="bootstrap resamples for the 95%% intervals")
+    _config_options(p)
+    p.set_defaults(func=cmd_eval_h2h)
 
     p = sub.add_parser("report", help="the per-iteration table of a run (and report.png beside it)",
                        formatter_class=fmt)

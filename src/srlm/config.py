@@ -44,8 +44,39 @@ class DataConfig(Section):
 
 
 class GenerationConfig(Section):
-    backend: Literal["hf"] = Field("hf", description="Generation backend for every sampling stage.")
+    backend: Literal["hf", "openai"] = Field(
+        "hf", description="Generation backend for every sampling stage: hf (transformers, in this process) or "
+        "openai (any OpenAI-compatible server: vLLM, llama.cpp, TGI, OpenAI; set generation.base_url).",
+    )
     batch_size: int = Field(16, ge=1, description="Sequences per forward pass when sampling.")
+    base_url: str | None = Field(
+        None, description="openai backend: the server's API root, e.g. http://localhost:8000/v1 (required there)."
+    )
+    model: str | None = Field(
+        None, description="openai backend: model name sent to the server; default: the model path/name as given."
+    )
+    concurrency: int = Field(
+        8, ge=1, description="openai backend: requests in flight at once (within one batch of generation.batch_size).",
+    )
+    timeout_s: float = Field(300.0, gt=0, description="openai backend: seconds to wait for one response.")
+    max_retries: int = Field(
+        5, ge=0, description="openai backend: retries after a connection error, timeout, 429 or 5xx "
+        "(exponential backoff from 1 s).",
+    )
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="openai backend: environment variable holding the API key (unset: no key, "
+        "as local servers expect).",
+    )
+
+    @model_validator(mode="after")
+    def _server(self) -> GenerationConfig:
+        if self.backend == "openai" and not self.base_url:
+            raise ValueError("generation.base_url is required with generation.backend=openai: the server's API "
+                             "root, e.g. --set generation.base_url=http://localhost:8000/v1")
+        if self.base_url is not None and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"generation.base_url={self.base_url!r}: expected an http:// or https:// URL, "
+                             "e.g. http://localhost:8000/v1")
+        return self
 
 
 class SFTConfig(Section):
@@ -98,6 +129,19 @@ class JudgeConfig(Section):
     )
     saturation_warning: float = Field(0.5, ge=0, le=1, description="Warn when this share of scores is the maximum (5).")
     exclude_flagged: bool = Field(True, description="Keep candidates containing judge-format text out of pairs.")
+    mode: Literal["sample", "expected"] = Field(
+        "sample", description="sample: k sampled justifications, parsed and averaged (PAPER.md §4.3, faithful). "
+        "expected: one forward pass, the probability-weighted score 0-5 of the token after 'Score:' (fast; not "
+        "the paper's method; k is ignored).")
+    expected_justify: bool = Field(
+        False, description="expected mode: write one greedy justification before 'Score:' (closer to the "
+        "paper, slower).")
+    expected_min_mass: float = Field(
+        0.5, ge=0, le=1, description="expected mode: a judgment fails when the digits 0-5 get less than this "
+        "share of the next-token probability (the judge would not have written a score).")
+    reuse_prefix: bool = Field(
+        True, description="Encode the rubric every judge prompt starts with once and reuse its key/value cache "
+        "(hf backend; same scores, less compute).")
 
 
 class DPOConfig(Section):
@@ -116,6 +160,30 @@ class DPOConfig(Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
 
 
+class EvalConfig(Section):
+    """What `srlm run` measures after each model it makes (M1, M2, ...): nothing unless a data file is named."""
+
+    judge_data: Path | None = Field(
+        None, description="Ranked replies (srlm eval judge's input, e.g. the oasst2-srlm export): judge agreement "
+        "with humans of every model (PAPER.md §5).")
+    judge_split: Literal["eval", "train", "all"] = Field(
+        "eval", description="Split of judge_data by prompt id (eval: the held-out quarter).")
+    judge_max_prompts: int | None = Field(50, ge=1, description="Use the first N prompts of the split (None: all).")
+    ifeval_data: Path | None = Field(
+        None, description="IFEval input_data.jsonl: instruction-following accuracy of every model.")
+    ifeval_limit: int | None = Field(50, ge=1, description="Use the first N IFEval prompts (None: all 541).")
+    ifeval_max_new_tokens: int = Field(512, ge=1, description="Length cap of an IFEval response (greedy).")
+    h2h_prompts: Path | None = Field(
+        None, description="Instructions (AlpacaEval JSON, or JSONL with instruction/prompt/text): head-to-head of "
+        "each M(t) against M(t-1), both orders, with length-controlled win rate (PAPER.md §5).")
+    h2h_limit: int | None = Field(50, ge=1, description="Use the first N instructions (None: all).")
+    h2h_judge: str = Field(
+        "self", description="Who judges head-to-heads: self (the newer model; offline, biased toward itself), a "
+        "local model directory, or the base URL of an OpenAI-compatible server (with h2h_judge_model).")
+    h2h_judge_model: str | None = Field(None, description="Model name to ask the server for when h2h_judge is a URL.")
+    h2h_max_new_tokens: int = Field(512, ge=1, description="Length cap of a head-to-head response (greedy).")
+
+
 class RunConfig(Section):
     """Everything a run needs. `srlm run --set section.key=value` overrides any field."""
 
@@ -129,6 +197,7 @@ class RunConfig(Section):
     prompts: PromptsConfig = Field(default_factory=PromptsConfig)
     candidates: CandidatesConfig = Field(default_factory=CandidatesConfig)
     judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     dpo: DPOConfig = Field(default_factory=DPOConfig)
 
     @model_validator(mode="after")

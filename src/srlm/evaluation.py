@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import combinations
@@ -205,3 +205,33 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
         five_best=ratio(fives_best, fives), judge_tie_rate=ratio(ties, pairs), pairs=pairs, prompts=len(exact),
         replies_scored=scored, replies_failed=len(replies) - scored,
     )
+
+
+def measure_judge(generator, replies: Sequence[RankedReply], out_dir: Path, config, *, seed: int,
+                  about: dict | None = None, progress=None) -> dict:
+    """Judge every reply with the configured judge (judge.mode, judge.k) and compare with the humans:
+    `out_dir/judgments.jsonl` (resumable) and `out_dir/judge_agreement.json`; returns what the latter holds."""
+    from .judging import run_judge
+    from .pairs import candidate_scores
+    from .records import atomic_write_text
+
+    prompts, candidates = as_stage_records(replies)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    judgments = run_judge(generator, prompts, candidates, out_dir / "judgments.jsonl", config, seed=seed,
+                          progress=progress)
+    result = {**(about or {}), **judge_agreement(replies, candidate_scores(judgments)).as_dict()}
+    failed = sum(x.score is None for x in judgments)
+    valid = [x.score for x in judgments if x.score is not None]
+    result.update(judge_mode=config.judge.mode, judgments=len(judgments), parse_failures=failed,
+                  parse_failure_rate=failed / len(judgments) if judgments else None,
+                  score_histogram=dict(sorted(Counter(str(round(s)) for s in valid).items())))
+    atomic_write_text(out_dir / "judge_agreement.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def first_prompts(replies: Sequence[RankedReply], n: int | None) -> list[RankedReply]:
+    """The replies of the first `n` prompts (file order): a fixed, cheaper subset of an evaluation set."""
+    if not n:
+        return list(replies)
+    keep = set(list(dict.fromkeys(r.prompt_id for r in replies))[:n])
+    return [r for r in replies if r.prompt_id in keep]

@@ -74,7 +74,7 @@ def judge_request(template: str, prompt: str, response: str) -> list[dict]:
 
 _NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 # "Score: 4", "**Score:** 4", "score = 4.5", "Score: 4/5", "Total score: 3 points", "Score: four".
-_SCORE = re.compile(
+SCORE_PATTERN = re.compile(
     r"score[*_\s]*[:=][*_\s]*(?P<value>\d+(?:\.\d+)?|zero|one|two|three|four|five)\b"
     r"(?:\s*(?:/|out\s+of)\s*(?P<scale>\d+))?",
     re.IGNORECASE,
@@ -88,7 +88,7 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
     rubric). A score out of another scale ("8/10") or out of [0, 5] is a failure, not rescaled or clipped:
     the judge did not follow the rubric.
     """
-    matches = list(_SCORE.finditer(text))
+    matches = list(SCORE_PATTERN.finditer(text))
     if not matches:
         if re.search(r"score\s*:\s*<", text, re.IGNORECASE):
             return None, "placeholder copied from the prompt instead of a score"
@@ -166,3 +166,86 @@ def judge(
             progress.update(len(batch))
     order = {f"{c.id}-j{s}": n for n, (c, s) in enumerate(work)}
     return sorted(log.finish(), key=lambda j: order.get(j.id, len(order)))
+
+
+SCORE_CHOICES = tuple(f" {d}" for d in range(int(MAX_SCORE) + 1))
+
+
+def expected_score(probs: Sequence[float], min_mass: float) -> tuple[float | None, str | None]:
+    """The mean of 0..5 under `probs` (P of each digit after "Score:"), renormalised over the digits; a failure
+    when the digits get less than `min_mass` of the probability (the judge would have written something else)."""
+    mass = sum(probs)
+    if mass < min_mass or mass <= 0:
+        return None, f"the digits 0-5 got {100 * mass:.0f}% of the probability after 'Score:' (< {100 * min_mass:.0f}%)"
+    return sum(d * p for d, p in enumerate(probs)) / mass, None
+
+
+def judge_expected(
+    generator,
+    prompts: Sequence[Prompt],
+    candidates: Sequence[Candidate],
+    out_path: Path,
+    *,
+    template: str = PAPER_TEMPLATE,
+    batch_size: int = 16,
+    min_mass: float = 0.5,
+    justify: bool = False,
+    max_new_tokens: int = 256,
+    reuse_prefix: bool = True,
+    seed: int = 0,
+    progress=None,
+) -> list[Judgment]:
+    """The `expected` judge mode: one judgment per candidate, scored from the next-token distribution.
+
+    The judge prompt is the same; the assistant's turn is opened with "Score:" (or, with `justify`, with one
+    greedy justification cut before its own "Score:") and the score is the probability-weighted mean of the
+    digits 0-5. This is not the paper's procedure (PAPER.md §4.3 samples k=3 justifications): it trades the
+    justification for speed and gives continuous scores, which make ties rare. Resumable per batch like
+    `judge`. Needs a backend with token probabilities (`choice_probs`: the hf backend).
+    """
+    if not hasattr(generator, "choice_probs"):
+        raise ConfigError("judge.mode=expected needs token probabilities, which only the hf backend gives; use "
+                          "judge.mode=sample with this backend")
+    by_id = {p.id: p for p in prompts}
+    log = RecordLog(out_path, Judgment)
+    batches = plan_batches(list(candidates), lambda c: len(c.text) + len(by_id[c.prompt_id].text), batch_size)
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed, stop=("Score:", "score:"))
+    for batch in batches:
+        ids = [f"{c.id}-e" for c in batch]
+        if all(i in log.done for i in ids):
+            if progress:
+                progress.update(len(batch))
+            continue
+        requests = [judge_request(template, by_id[c.prompt_id].text, c.text) for c in batch]
+        texts = [""] * len(batch)
+        if justify:
+            texts = [out.text for out in generator.generate(requests, greedy)]
+        prefills = [f"{t}\nScore:" if t else "Score:" for t in texts]
+        probs = generator.choice_probs(requests, prefills, SCORE_CHOICES, reuse_prefix=reuse_prefix)
+        records = []
+        for jid, c, text, p in zip(ids, batch, texts, probs):
+            score, error = expected_score(p, min_mass)
+            records.append(Judgment(id=jid, candidate_id=c.id, prompt_id=c.prompt_id, sample=0, text=text,
+                                    score=score, error=error, score_probs=[round(x, 6) for x in p]))
+        log.append(records)
+        if progress:
+            progress.update(len(batch))
+    order = {f"{c.id}-e": n for n, c in enumerate(candidates)}
+    return sorted(log.finish(), key=lambda j: order.get(j.id, len(order)))
+
+
+def run_judge(generator, prompts: Sequence[Prompt], candidates: Sequence[Candidate], out_path: Path, config, *,
+              seed: int, progress=None) -> list[Judgment]:
+    """The judging stage as the config asks for it (judge.mode): what `srlm run`, `srlm judge` and `srlm eval
+    judge` all call."""
+    j = config.judge
+    if j.mode == "expected":
+        return judge_expected(generator, prompts, candidates, out_path, template=load_template(j.template),
+                              batch_size=config.generation.batch_size, min_mass=j.expected_min_mass,
+                              justify=j.expected_justify, max_new_tokens=j.max_new_tokens,
+                              reuse_prefix=j.reuse_prefix, seed=seed, progress=progress)
+    return judge(generator, prompts, candidates, out_path, seed=seed, progress=progress, **judge_options(config))
+
+
+def judgments_per_candidate(config) -> int:
+    return 1 if config.judge.mode == "expected" else config.judge.k

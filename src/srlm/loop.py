@@ -8,6 +8,8 @@
       judgments    k judgments per candidate with the paper's judge prompt
       pairs        best vs worst per prompt, ties dropped       -> AIFT(M(t))
       dpo          M(t+1) = DPO(M(t), AIFT(M(t)))
+    eval.M<t>    after each model, when the config names evaluation sets (eval.*): judge agreement with humans,
+                 IFEval (PAPER.md §5) -> RUN/eval/M<t>/, RUN/eval.jsonl, RUN/eval.png
 
 Every stage reads and writes files in the run directory and is marked complete in the manifest only once
 its outputs are whole, so `srlm run --resume RUN` continues after the last complete stage (and inside a
@@ -18,20 +20,20 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
-from tqdm.auto import tqdm
 
-from . import models
+from . import h2h, ifeval, models
 from .backends import make_generator
 from .candidates import respond, respond_options
 from .config import RunConfig, config_to_yaml
 from .dpo import train_dpo
 from .errors import JudgeIntegrityError, RunDirError
-from .judging import judge, judge_options, load_template
+from .evaluation import first_prompts, load_ranked, measure_judge
+from .judging import judgments_per_candidate, load_template, run_judge
 from .pairs import select_pairs
+from .progress import bar as _bar
 from .prompts import PromptAttempt, generate_prompts, prompt_options
 from .records import (
     Candidate,
@@ -44,7 +46,7 @@ from .records import (
     read_jsonl,
     write_jsonl,
 )
-from .report import plot
+from .report import format_eval_table, plot, plot_eval, read_eval
 from .rundir import RunDir
 from .seed import load_eft, load_ift
 from .sft import train_sft
@@ -69,15 +71,6 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-@contextmanager
-def _bar(total: int, desc: str):
-    bar = tqdm(total=total, desc=desc, unit="", dynamic_ncols=True, file=sys.stderr)
-    try:
-        yield bar
-    finally:
-        bar.close()
-
-
 class Run:
     """One run directory and the config it was made with; `execute()` runs every stage not yet complete."""
 
@@ -87,8 +80,9 @@ class Run:
         if resume:
             self.dir.open()
             saved = RunConfig.model_validate(yaml.safe_load(self.dir.config_path.read_text(encoding="utf-8")))
+            # Evaluation settings never change what the method wrote; they apply to models not yet evaluated.
             changed = _changed_keys(saved, config)
-            if changed - RESUMABLE_CHANGES:
+            if {k for k in changed if not k.startswith("eval.")} - RESUMABLE_CHANGES:
                 raise RunDirError(
                     f"{root}: this run was made with a different config ({', '.join(sorted(changed))} differ); "
                     f"on resume only {', '.join(sorted(RESUMABLE_CHANGES))} may change, since the others would "
@@ -102,6 +96,7 @@ class Run:
             models.check(config.model)
             load_ift(config.data.ift, config.data.ift_limit)
             load_eft(config.data.eft, config.data.eft_limit)
+            self._eval_sets()
             self.dir.create(config)
         self.template = load_template(config.judge.template)
         self._generator = None
@@ -184,9 +179,9 @@ class Run:
                                  lambda: read_jsonl(folder / "candidates.jsonl", Candidate))
 
         def judgments_work():
-            with _bar(len(candidates) * cfg.judge.k, f"iter {t} judgments") as bar:
-                out = judge(self._generator_for(model_t), prompts, candidates, folder / "judgments.jsonl",
-                            seed=seed + 2, progress=bar, **judge_options(cfg))
+            with _bar(len(candidates) * judgments_per_candidate(cfg), f"iter {t} judgments") as bar:
+                out = run_judge(self._generator_for(model_t), prompts, candidates, folder / "judgments.jsonl", cfg,
+                                seed=seed + 2, progress=bar)
             failed = sum(x.score is None for x in out)
             return {"judgments": len(out), "parse_failures": failed}
 
@@ -215,8 +210,76 @@ class Run:
             return {"pairs": len(pairs)}
 
         self._stage(f"iter_{t}.dpo", dpo_work, lambda: self.dir.model(t + 1))
+        self.eval_stage(t + 1)
         attempts = read_jsonl(folder / "prompts_attempts.jsonl", PromptAttempt)
         return iteration_stats(attempts, candidates, judgments, selection, len(prompts))
+
+    def _eval_sets(self):
+        """The evaluation sets the config names (validated: a bad file fails before any training)."""
+        e = self.config.eval
+        replies = rows = None
+        if e.judge_data:
+            replies = first_prompts(load_ranked(e.judge_data, e.judge_split), e.judge_max_prompts)
+        if e.ifeval_data:
+            rows = ifeval.load_prompts(e.ifeval_data, e.ifeval_limit)
+        instructions = h2h.load_instructions(e.h2h_prompts)[: e.h2h_limit] if e.h2h_prompts else None
+        return replies, rows, instructions
+
+    def _h2h_judge(self, newer: Path):
+        """The head-to-head judge as eval.h2h_judge names it: (name, a function that builds its backend)."""
+        e, g = self.config.eval, self.config.generation
+        if e.h2h_judge == "self":
+            return f"self (M{newer.name[1:]})", lambda: make_generator(self.config, newer)
+        if e.h2h_judge.startswith(("http://", "https://")):
+            from .backends import OpenAIGenerator
+
+            return (f"{e.h2h_judge_model} at {e.h2h_judge}",
+                    lambda: OpenAIGenerator(e.h2h_judge, e.h2h_judge_model or "", concurrency=g.concurrency,
+                                            timeout_s=g.timeout_s, max_retries=g.max_retries))
+        path = models.resolve(self.config.model.model_copy(update={"name_or_path": e.h2h_judge}))
+        return str(path), lambda: make_generator(self.config, path)
+
+    def eval_stage(self, t: int) -> None:
+        """Measure M(t) on the configured evaluation sets (PAPER.md §5): RUN/eval/M<t>/, one line of eval.jsonl."""
+        replies, rows, instructions = self._eval_sets()
+        if replies is None and rows is None and (instructions is None or t < 2):
+            return
+        e, folder, model_t = self.config.eval, self.dir.root / "eval" / f"M{t}", self.dir.model(t)
+
+        def work():
+            result: dict = {"model": f"M{t}"}
+            if replies is not None:
+                with _bar(len(replies) * judgments_per_candidate(self.config), f"eval M{t} judge") as bar:
+                    result["judge"] = measure_judge(self._generator_for(model_t), replies, folder / "judge",
+                                                    self.config, seed=self.config.seed, progress=bar,
+                                                    about={"data": str(e.judge_data), "split": e.judge_split})
+            if rows is not None:
+                with _bar(len(rows), f"eval M{t} ifeval") as bar:
+                    responses = ifeval.generate_responses(
+                        self._generator_for(model_t), rows, folder / "ifeval" / "responses.jsonl",
+                        max_new_tokens=e.ifeval_max_new_tokens, batch_size=self.config.generation.batch_size,
+                        seed=self.config.seed, progress=bar)
+                score, _ = ifeval.score(rows, {r.key: r.response for r in responses})
+                result["ifeval"] = ifeval.summary(score, responses, {"data": str(e.ifeval_data)})
+            if instructions is not None and t >= 2:
+                self._release_generator()
+                older = self.dir.model(t - 1)
+                judge_name, judge = self._h2h_judge(model_t)
+                result["h2h_vs_previous"] = h2h.head_to_head(
+                    instructions, h2h.Side(f"M{t}", generator=lambda: make_generator(self.config, model_t)),
+                    h2h.Side(f"M{t - 1}", generator=lambda: make_generator(self.config, older)), judge,
+                    folder / "h2h", judge_name=judge_name, temperature=0.0, max_new_tokens=e.h2h_max_new_tokens,
+                    judge_max_new_tokens=self.config.judge.max_new_tokens,
+                    batch_size=self.config.generation.batch_size, seed=self.config.seed)
+            atomic_write_text(folder / "eval.json", json.dumps(result, indent=2) + "\n")
+            self._release_generator()
+            return {k: 1 for k in result if k != "model"}
+
+        self._stage(f"eval.M{t}", work, lambda: None)
+        results = [json.loads(path.read_text(encoding="utf-8"))
+                   for path in sorted((self.dir.root / "eval").glob("M*/eval.json"), key=lambda p: int(p.parent.name[1:]))]
+        atomic_write_text(self.dir.root / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in results))
+        plot_eval(results, self.dir.root / "eval.png")
 
     def _check_judge(self, t: int, judgments: list[Judgment]) -> None:
         """PAPER.md §7: stop rather than train on a judge that does not follow the format, and flag saturation."""
@@ -230,7 +293,8 @@ class Run:
                 "'Score: N' format well enough to train on. More EFT data or SFT epochs usually fix it; "
                 f"see {self.dir.iteration(t) / 'judgments.jsonl'} for what it wrote")
         valid = [j.score for j in judgments if j.score is not None]
-        share = sum(s == 5 for s in valid) / len(valid) if valid else 0.0
+        # >= 4.5: a sampled judgment of 5, or an expected-mode score mostly on 5.
+        share = sum(s >= 4.5 for s in valid) / len(valid) if valid else 0.0
         if share > self.config.judge.saturation_warning:
             say(f"[srlm] warning: iteration {t}: {100 * share:.0f}% of scores are 5 (judge saturation, PAPER.md §7)")
 
@@ -239,6 +303,7 @@ class Run:
         start = time.time()
         ift, eft = self.seed_stage()
         self.sft_stage(ift, eft)
+        self.eval_stage(1)
         seed_prompts = [x.prompt for x in ift]
         per_iteration = {t: self.iteration(t, seed_prompts) for t in range(1, self.config.iterations + 1)}
         summary = {"iterations": per_iteration, "models": [str(self.dir.model(t)) for t in
@@ -248,6 +313,10 @@ class Run:
         if per_iteration:
             print(format_table(per_iteration))
             print(f"\nplot: {plot(per_iteration, self.dir.root / 'report.png')}")
+        results = read_eval(self.dir.root)
+        if results:
+            print("\nevaluation (PAPER.md §5)\n" + format_eval_table(results))
+            print(f"\nplot: {self.dir.root / 'eval.png'}")
         print(f"\nmodels: {', '.join(summary['models'])}")
         return summary
 

@@ -91,6 +91,8 @@ class Judgment(Record):
     text: str
     score: float | None = None
     error: str | None = None
+    # judge.mode=expected: P(score = 0..5) after "Score:", of which `score` is the (renormalised) mean.
+    score_probs: list[float] | None = None
 
 
 class Pair(Record):
@@ -115,7 +117,7 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
         yield from enumerate(f, start=1)
 
 
-def _describe(error: dict) -> tuple[str, str]:
+def describe_error(error: dict) -> tuple[str, str]:
     field = ".".join(str(p) for p in error.get("loc", ())) or None
     found = error.get("input")
     message = error.get("msg", "invalid value")
@@ -147,7 +149,7 @@ def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
     try:
         return model.model_validate(obj)
     except ValidationError as e:
-        field, message = _describe(e.errors()[0])
+        field, message = describe_error(e.errors()[0])
         raise InputError(message, path=path, line=number, field=field)
 
 

@@ -5,6 +5,7 @@ left out), since everything it shows is derived from the records on disk.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .pairs import select_pairs
@@ -63,11 +64,98 @@ def plot(stats: dict[int, dict], path: Path) -> Path:
     return path
 
 
+EVAL_ROWS = [
+    ("judge pairwise accuracy", ("judge", "pairwise_accuracy")),
+    ("judge exact match", ("judge", "exact_match")),
+    ("judge Spearman", ("judge", "spearman")),
+    ("judge Kendall tau", ("judge", "kendall_tau")),
+    ("judge tie rate", ("judge", "judge_tie_rate")),
+    ("judge parse failures", ("judge", "parse_failure_rate")),
+    ("IFEval prompt strict", ("ifeval", "prompt_level_strict_acc")),
+    ("IFEval prompt loose", ("ifeval", "prompt_level_loose_acc")),
+    ("IFEval instruction strict", ("ifeval", "inst_level_strict_acc")),
+    ("IFEval instruction loose", ("ifeval", "inst_level_loose_acc")),
+    ("response tokens (IFEval)", ("ifeval", "mean_response_tokens")),
+    ("win rate vs previous", ("h2h_vs_previous", "win_rate")),
+    ("LC win rate vs previous", ("h2h_vs_previous", "lc_win_rate")),
+    ("response words (head-to-head)", ("h2h_vs_previous", "length", "a", "mean_words")),
+]
+
+
+def read_eval(root: Path) -> list[dict]:
+    path = Path(root) / "eval.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _value(result: dict, key: tuple[str, ...]):
+    for part in key:
+        result = result.get(part) if isinstance(result, dict) else None
+    return result
+
+
+def format_eval_table(results: list[dict]) -> str:
+    """Both skills per model (PAPER.md §5): judge agreement with humans, instruction following, and length."""
+    rows = [(label, key) for label, key in EVAL_ROWS if any(_value(r, key) is not None for r in results)]
+    headers = ["", *[r["model"] for r in results]]
+    body = [[label, *[("-" if _value(r, key) is None else f"{_value(r, key):.3f}") for r in results]]
+            for label, key in rows]
+    widths = [max(len(row[i]) for row in [headers, *body]) for i in range(len(headers))]
+    line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
+
+
+def plot_eval(results: list[dict], path: Path) -> Path | None:
+    """eval.png: judge agreement, IFEval accuracy and response length per model."""
+    if not results:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [r["model"] for r in results]
+    panels = [
+        ("judge agreement with humans", [("pairwise accuracy", ("judge", "pairwise_accuracy")),
+                                         ("Spearman", ("judge", "spearman")),
+                                         ("parse failures", ("judge", "parse_failure_rate"))]),
+        ("IFEval", [("prompt strict", ("ifeval", "prompt_level_strict_acc")),
+                    ("prompt loose", ("ifeval", "prompt_level_loose_acc")),
+                    ("instruction strict", ("ifeval", "inst_level_strict_acc")),
+                    ("instruction loose", ("ifeval", "inst_level_loose_acc"))]),
+        ("head-to-head vs previous model", [("win rate", ("h2h_vs_previous", "win_rate")),
+                                            ("length-controlled", ("h2h_vs_previous", "lc_win_rate"))]),
+        ("response length", [("IFEval, mean tokens", ("ifeval", "mean_response_tokens")),
+                             ("head-to-head, mean words", ("h2h_vs_previous", "length", "a", "mean_words"))]),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (title, series) in zip(axes, panels):
+        for name, key in series:
+            values = [_value(r, key) for r in results]
+            if any(v is not None for v in values):
+                ax.plot(models, [float("nan") if v is None else v for v in values], marker="o", label=name)
+        ax.set(title=title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 def report(root: Path, *, png: bool = True) -> str:
     stats = collect(root)
-    if not stats:
+    results = read_eval(root)
+    if not stats and not results:
         return f"{root}: no iteration has finished its pairs yet"
-    text = format_table(stats)
-    if png:
-        text += f"\n\nplot: {plot(stats, Path(root) / 'report.png')}"
-    return text
+    parts = []
+    if stats:
+        parts.append(format_table(stats))
+        if png:
+            parts.append(f"plot: {plot(stats, Path(root) / 'report.png')}")
+    if results:
+        parts.append("evaluation (PAPER.md §5)\n" + format_eval_table(results))
+        if png:
+            parts.append(f"plot: {plot_eval(results, Path(root) / 'eval.png')}")
+    return "\n\n".join(parts)

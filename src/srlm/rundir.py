@@ -107,3 +107,15 @@ class RunDir:
         manifest["stages"][stage] = {"status": "complete", "seconds": round(seconds, 2), "counts": counts,
                                      "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         self.write_manifest(manifest)
+
+
+def pin_settings(path: Path, settings: dict, what: str) -> None:
+    """Record the settings an output directory was started with (`path`, JSON) and refuse to continue it under
+    others: resumed files would mix two experiments. `what` names what the directory holds, for the message."""
+    if path.exists():
+        before = json.loads(path.read_text(encoding="utf-8"))
+        if before != settings:
+            changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v)
+            raise RunDirError(f"{path.parent}: holds {what} made with other settings ({changed}); use another "
+                              "--out, or delete the directory to start over")
+    atomic_write_text(path, json.dumps(settings, indent=2) + "\n")

@@ -5,6 +5,7 @@ from collections import Counter
 from collections.abc import Sequence
 from statistics import mean
 
+from .judging import MAX_SCORE
 from .pairs import TIE, PairSelection
 from .records import Candidate, Judgment
 
@@ -31,7 +32,7 @@ def iteration_stats(
         "parse_failure_reasons": dict(Counter(j.error for j in judgments if j.error)),
         "mean_score": mean(valid) if valid else None,
         "score_histogram": dict(sorted(histogram.items())),
-        "max_score_share": sum(1 for s in valid if s == 5) / len(valid) if valid else 0.0,
+        "max_score_share": sum(1 for s in valid if s >= MAX_SCORE - 0.5) / len(valid) if valid else 0.0,
         "pairs": len(selection.pairs),
         "ties_dropped": selection.dropped.get(TIE, 0),
         "dropped_other": {k: v for k, v in selection.dropped.items() if k != TIE},

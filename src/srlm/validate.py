@@ -67,7 +67,7 @@ def _long_fields(path: Path, number: int, record, report: Report) -> None:
                                    f"{MAX_FIELD_CHARS}; it will be truncated at training's max_length)")
 
 
-def _norm(text: str) -> str:
+def normalise(text: str) -> str:
     return " ".join(text.lower().split())
 
 
@@ -79,7 +79,7 @@ def validate(ift: Path | None = None, eft: Path | None = None) -> Report:
         records = _records(ift, IFTExample, report)
         for number, r in records:
             _long_fields(ift, number, r, report)
-            key = _norm(r.prompt)
+            key = normalise(r.prompt)
             if key in seen:
                 report.errors.append(f"{ift}:{number}: field 'prompt': duplicate of the prompt on line {seen[key]}")
             seen.setdefault(key, number)
@@ -96,7 +96,7 @@ def validate(ift: Path | None = None, eft: Path | None = None) -> Report:
             elif score != r.score:
                 report.errors.append(f"{eft}:{number}: field 'score': {r.score}, but the judgment concludes "
                                      f"'Score: {score:g}'")
-            pair = (_norm(r.prompt), _norm(r.response))
+            pair = (normalise(r.prompt), normalise(r.response))
             if pair in seen_pairs:
                 report.errors.append(f"{eft}:{number}: duplicate of the prompt and response on line {seen_pairs[pair]}")
             seen_pairs.setdefault(pair, number)

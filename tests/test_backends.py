@@ -1,0 +1,212 @@
+"""The generation contract every backend keeps, and the OpenAI backend's handling of a server that fails.
+
+The contract tests run once per backend: `hf` on the tiny random model, and `openai` against a loopback
+OpenAI-compatible server (tests/openai_server.py) that generates with the same tiny model, so both are
+checked against real generation. The tiny model's greedy output repeats its prompt's last token ("Hello" ->
+"HelloHello..."), which makes raw-text requests distinguishable; chat requests all end in the same
+assistant header and answer alike.
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from openai_server import OpenAIServer
+from srlm.backends import Completion, HFGenerator, OpenAIGenerator, SamplingParams, make_generator
+from srlm.config import ModelConfig, load_config
+from srlm.errors import ConfigError, ModelError
+
+GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
+REQUESTS = ["Hello", "apple banana", [{"role": "user", "content": "What is the capital of France?"}], "1 2 3",
+            "judge the"]
+
+
+@pytest.fixture(scope="module")
+def hf_generator(tiny_model):
+    # batch_size 2 < len(REQUESTS): the order test also covers results put back across batches.
+    return HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model)), "cpu", batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def server(hf_generator):
+    with OpenAIServer(hf_generator) as running:
+        yield running
+
+
+@pytest.fixture(params=["hf", "openai"])
+def generator(request, hf_generator, server):
+    if request.param == "hf":
+        return hf_generator
+    return OpenAIGenerator(server.url, "tiny", concurrency=3, timeout_s=60, max_retries=1, backoff_s=0.01)
+
+
+# --- the contract -----------------------------------------------------------------------------------------
+
+
+def test_one_completion_per_request_in_order(generator):
+    together = generator.generate(REQUESTS, GREEDY)
+    alone = [generator.generate([r], GREEDY)[0] for r in REQUESTS]
+    assert together == alone
+    assert all(isinstance(c, Completion) for c in together)
+    assert together[0].text.startswith("Hello") and together[1].text.startswith("banana")
+
+
+def test_max_new_tokens_is_respected_and_flagged(generator):
+    short = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=3)
+    out = generator.generate(REQUESTS, short)
+    assert [c.n_tokens for c in out] == [3] * len(REQUESTS)
+    assert all(c.truncated for c in out)
+    longer = generator.generate(["Hello"], SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=6))[0]
+    assert longer.n_tokens == 6 and longer.text.startswith(out[0].text)
+
+
+def _stop_inside(text: str) -> str:
+    """A two-character stop string whose first occurrence is after the text's start."""
+    for k in range(1, len(text) - 1):
+        if text.find(text[k : k + 2]) == k and text[k : k + 2].strip():
+            return text[k : k + 2]
+    raise AssertionError(f"no usable stop string in {text!r}")
+
+
+@pytest.mark.parametrize("request_", ["1 2 3", "apple banana"])
+def test_stop_strings_cut_the_text(generator, request_):
+    full = generator.generate([request_], GREEDY)[0]
+    stop = _stop_inside(full.text)
+    cut = generator.generate([request_], SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12,
+                                                        stop=(stop, "never-occurs")))[0]
+    assert cut.text == full.text[: full.text.find(stop)].strip()
+    assert stop not in cut.text and not cut.truncated
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_same_seed_same_output(generator, temperature):
+    params = SamplingParams(temperature=temperature, top_p=0.9, max_new_tokens=8, seed=7)
+    assert generator.generate(REQUESTS, params) == generator.generate(REQUESTS, params)
+
+
+def test_empty_request_list(generator):
+    assert generator.generate([], GREEDY) == []
+
+
+# --- the OpenAI backend: what it sends, and a server that fails ---------------------------------------------
+
+
+def scripted(text="Winner: A"):
+    return OpenAIServer(respond=lambda body: text)
+
+
+def client(server, **options):
+    defaults = dict(concurrency=4, timeout_s=10, max_retries=3, backoff_s=0.01)
+    return OpenAIGenerator(server.url, "judge-model", **{**defaults, **options})
+
+
+def test_sends_sampling_parameters_to_the_right_route():
+    with scripted() as server:
+        client(server).generate(["raw text", [{"role": "user", "content": "hi"}]],
+                                SamplingParams(temperature=0.3, top_p=0.8, max_new_tokens=5, seed=4, stop=("\n",)))
+    raw, chat = sorted(server.requests, key=lambda b: "messages" in b)
+    assert raw["prompt"] == "raw text" and chat["messages"] == [{"role": "user", "content": "hi"}]
+    for body in (raw, chat):
+        assert body["model"] == "judge-model"
+        assert (body["temperature"], body["top_p"], body["max_tokens"], body["stop"]) == (0.3, 0.8, 5, ["\n"])
+    # One seed per request: identical requests must not come back as identical samples.
+    assert raw["seed"] != chat["seed"]
+
+
+def test_results_keep_request_order_when_answers_arrive_out_of_order():
+    with OpenAIServer(respond=lambda body: f"answer to {body['prompt']}") as server:
+        server.delay_s = lambda body: 0.2 if body["prompt"] == "0" else 0.0
+        out = client(server).generate([str(i) for i in range(6)], GREEDY)
+    assert [c.text for c in out] == [f"answer to {i}" for i in range(6)]
+
+
+def test_concurrency_limit():
+    with scripted() as server:
+        server.delay_s = 0.1
+        client(server, concurrency=2).generate(["x"] * 6, GREEDY)
+    assert server.max_in_flight == 2
+
+
+def test_finish_reason_length_and_missing_usage():
+    with scripted("one two three") as server:
+        server.omit_usage = True
+        out = client(server).generate(["x"], GREEDY)[0]
+    assert out == Completion(text="one two three", n_tokens=3, truncated=False)
+
+
+@pytest.mark.parametrize("status", [500, 503, 429])
+def test_transient_errors_are_retried(status):
+    with scripted("fine") as server:
+        server.failures.extend([status, status])
+        out = client(server, max_retries=2).generate(["x"], GREEDY)
+    assert out[0].text == "fine" and len(server.requests) == 3
+
+
+def test_retries_give_up_with_the_last_error():
+    with scripted() as server:
+        server.failures.extend([500] * 5)
+        with pytest.raises(ModelError, match=r"no answer after 3 attempt\(s\).*HTTP 500: injected 500"):
+            client(server, max_retries=2).generate(["x"], GREEDY)
+    assert len(server.requests) == 3
+
+
+@pytest.mark.parametrize("status, hint", [(401, "check the API key in $SRLM_TEST_KEY, which is not set"),
+                                          (404, "check generation.base_url"), (400, "")])
+def test_errors_that_will_not_heal_are_raised_at_once(status, hint):
+    with scripted() as server:
+        server.failures.append(status)
+        with pytest.raises(ModelError) as error:
+            client(server, api_key_env="SRLM_TEST_KEY").generate(["x"], GREEDY)
+    message = str(error.value)
+    assert f"{server.url}/completions: HTTP {status}" in message and hint in message
+    assert "the server said: " in message and len(server.requests) == 1
+
+
+def test_timeout_is_reported():
+    with scripted() as server:
+        server.delay_s = 2.0
+        start = time.monotonic()
+        with pytest.raises(ModelError, match=r"timed out after 0.3 s \(generation.timeout_s\)"):
+            client(server, timeout_s=0.3, max_retries=1).generate(["x"], GREEDY)
+        assert time.monotonic() - start < 1.9 and len(server.requests) == 2
+
+
+def test_unreachable_server():
+    with scripted() as server:
+        url = server.url
+    with pytest.raises(ModelError, match="cannot reach the server"):
+        OpenAIGenerator(url, "m", max_retries=1, backoff_s=0.01).generate(["x"], GREEDY)
+
+
+def test_api_key_comes_from_the_named_environment_variable(monkeypatch):
+    monkeypatch.setenv("SRLM_TEST_KEY", "sk-test")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with scripted() as server:
+        client(server, api_key_env="SRLM_TEST_KEY").generate(["x"], GREEDY)
+        client(server).generate(["x"], GREEDY)  # no key set: local servers need none
+    assert server.headers[0]["Authorization"] == "Bearer sk-test"
+    assert "Authorization" not in server.headers[1]
+
+
+# --- configuration ----------------------------------------------------------------------------------------
+
+
+def test_openai_backend_needs_a_base_url():
+    with pytest.raises(ConfigError, match="generation.base_url is required with generation.backend=openai"):
+        load_config(overrides=["generation.backend=openai"])
+    with pytest.raises(ConfigError, match="expected an http:// or https:// URL"):
+        load_config(overrides=["generation.backend=openai", "generation.base_url=localhost:8000"])
+
+
+def test_make_generator_builds_the_openai_backend(monkeypatch):
+    monkeypatch.setenv("MY_KEY", "k")
+    config = load_config(overrides=["generation.backend=openai", "generation.base_url=http://host:8000/v1/",
+                                    "generation.concurrency=3", "generation.timeout_s=5", "generation.max_retries=1",
+                                    "generation.api_key_env=MY_KEY"])
+    made = make_generator(config, "/models/M1")
+    assert isinstance(made, OpenAIGenerator)
+    assert (made.base_url, made.model, made.concurrency, made.timeout_s, made.max_retries, made.api_key) == (
+        "http://host:8000/v1", "/models/M1", 3, 5.0, 1, "k")
+    config.generation.model = "served-name"
+    assert make_generator(config, "/models/M1").model == "served-name"

@@ -1,0 +1,422 @@
+"""Head-to-head evaluation: verdict parsing, the both-orders rule and the statistics against values worked out by
+hand, then `srlm eval h2h` end to end with a scripted judge behind the loopback OpenAI-compatible server."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from openai_server import OpenAIServer
+from srlm import cli
+from srlm.backends import SamplingParams
+from srlm.cli import main
+from srlm.errors import InputError
+from srlm.h2h import (
+    CONVENTIONS,
+    PAIRWISE_TEMPLATE,
+    H2HOutput,
+    Instruction,
+    PairVerdict,
+    Side,
+    bootstrap_ci,
+    combine,
+    fill_pairwise,
+    length_controlled_win_rate,
+    load_instructions,
+    load_outputs,
+    model_winner,
+    parse_verdict,
+    rates,
+    side_outputs,
+    summarize,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REFERENCE = FIXTURES / "h2h_reference_outputs.json"
+
+# --- the judge's verdict ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, label", [
+    ("Response A answers the question directly.\nWinner: A", "A"),
+    ("**Winner:** Response B", "B"),
+    ("Both are equally vague.\n\nWinner: Tie.", "tie"),
+    ("Winner: (B)", "B"),
+    ("winner:a", "A"),
+    ("Verdict -- Winner: Assistant A, because it is correct.", "A"),
+    ("Winner: draw", "tie"),
+    ("Winner: A. The winner is clear.", "A"),
+    ("Winner: B\n...\nWinner: B", "B"),  # repeated, agreeing
+])
+def test_verdicts_that_parse(text, label):
+    assert parse_verdict(text) == (label, None)
+
+
+@pytest.mark.parametrize("text, error", [
+    ("Response A is better than Response B.", "no 'Winner: A/B/tie' found"),
+    ("Winner: A or B or tie", "the format copied from the prompt instead of a verdict"),
+    ("Winner: <A, B or tie>", "placeholder copied from the prompt instead of a verdict"),
+    ("Winner: A\nOn reflection, Winner: B", "conflicting verdicts (A, B)"),
+    # A small judge echoing the prompt's last line: three verdicts, none of them its own.
+    ("give your verdict on a final line: Winner: A (Response A is better), Winner: B (Response B is better) or "
+     "Winner: tie (neither is better).", "conflicting verdicts (A, B, tie)"),
+    ("Winner: both", "'Winner: both' is not A, B or tie"),
+    ("Winner:", "'Winner:' without a verdict"),
+    ("", "no 'Winner: A/B/tie' found"),
+])
+def test_verdicts_that_fail_are_never_guessed(text, error):
+    assert parse_verdict(text) == (None, error)
+
+
+def test_positions_map_back_to_models():
+    assert [model_winner(x, "ab") for x in ("A", "B", "tie", None)] == ["a", "b", "tie", None]
+    assert [model_winner(x, "ba") for x in ("A", "B", "tie", None)] == ["b", "a", "tie", None]
+
+
+@pytest.mark.parametrize("ab, ba, outcome", [
+    ("a", "a", "win"), ("b", "b", "loss"), ("tie", "tie", "tie"),
+    ("a", "b", "tie"), ("b", "a", "tie"), ("a", "tie", "tie"), ("tie", "b", "tie"),  # orders disagree: a tie
+    (None, "a", None), ("b", None, None), (None, None, None),  # a failed order: no outcome
+])
+def test_both_orders_rule(ab, ba, outcome):
+    assert combine(ab, ba) == outcome
+
+
+def test_fill_leaves_slot_names_and_braces_in_responses_alone():
+    filled = fill_pairwise(PAIRWISE_TEMPLATE, "Q {x}", "says <RESPONSE_B_HERE>", "{}")
+    assert "[Instruction]\nQ {x}\n" in filled
+    assert "[Response A]\nsays <RESPONSE_B_HERE>\n[End of Response A]" in filled
+    assert "[Response B]\n{}\n[End of Response B]" in filled
+
+
+# --- statistics ---------------------------------------------------------------------------------------------
+
+
+def test_rates_hand_computed():
+    r = rates(["win", "win", "tie", "loss", "tie"])
+    assert r["counts"] == {"win": 2, "tie": 2, "loss": 1}
+    assert r["rates"] == {"win": 0.4, "tie": 0.4, "loss": 0.2}
+    assert r["win_rate"] == pytest.approx(0.6)
+    assert rates([]) == {"counts": {"win": 0, "tie": 0, "loss": 0}, "rates": {"win": None, "tie": None, "loss": None},
+                         "win_rate": None}
+
+
+def test_bootstrap_ci():
+    ones = np.ones(5)
+    assert bootstrap_ci(lambda idx: float(ones[idx].mean()), 5) == [1.0, 1.0]  # all wins: no spread
+    # One win, one loss: a resample's mean is 0, 0.5 or 1 with probability 1/4, 1/2, 1/4, so the 2.5% and
+    # 97.5% quantiles of 1000 resamples are 0 and 1.
+    half = np.array([1.0, 0.0])
+    assert bootstrap_ci(lambda idx: float(half[idx].mean()), 2) == [0.0, 1.0]
+    assert bootstrap_ci(lambda idx: 1.0, 0) is None
+    scores = np.array([1, 0.5, 0, 1, 1, 0.5, 0, 1], dtype=float)
+    first = bootstrap_ci(lambda idx: float(scores[idx].mean()), len(scores), seed=3)
+    assert first == bootstrap_ci(lambda idx: float(scores[idx].mean()), len(scores), seed=3)  # fixed seed
+    assert first[0] < scores.mean() < first[1]
+
+
+def test_length_controlled_win_rate_saturated_model():
+    # Two length groups, so the fit is saturated: sigmoid(b0 + b1 c) = 6/8 for the 8 prompts where A is longer,
+    # sigmoid(b0 - b1 c) = 1/2 for the 2 where it is shorter (c = tanh(10 / std), the same for both because
+    # the differences are +-10). Then b0 = (logit 3/4 + logit 1/2) / 2 = ln(3) / 2, and the LC win rate
+    # sigmoid(b0) = sqrt(3) / (1 + sqrt(3)) = 0.634, below the raw 0.7: some of A's wins came from length.
+    scores = [1] * 6 + [0] * 2 + [1, 0]
+    diffs = [10] * 8 + [-10] * 2
+    lc, coef = length_controlled_win_rate(scores, diffs)
+    assert lc == pytest.approx(math.sqrt(3) / (1 + math.sqrt(3)), abs=1e-3)
+    c = math.tanh(10 / np.std(diffs))
+    assert coef == pytest.approx(math.log(3) / (2 * c), abs=1e-2)
+    # Ties split: two ties weigh as one win and one loss, so the same group means give the same fit.
+    with_ties = [1] * 5 + [0.5] * 2 + [0] + [0.5, 0.5]
+    assert length_controlled_win_rate(with_ties, diffs)[0] == pytest.approx(lc, abs=1e-9)
+
+
+def test_length_controlled_win_rate_when_the_judge_only_rewards_length():
+    # A wins exactly where it is longer (8 prompts) and loses where it is shorter (2): the slope runs off and
+    # the first-order conditions give 8 exp(-b0) = 2 exp(b0), so b0 = ln 2 and the LC win rate is 2/3 (raw 0.8).
+    lc, coef = length_controlled_win_rate([1] * 8 + [0] * 2, [10] * 8 + [-10] * 2)
+    assert lc == pytest.approx(2 / 3, abs=1e-3) and coef > 5
+
+
+def test_length_controlled_win_rate_degenerate_cases():
+    assert length_controlled_win_rate([1, 0.5, 0, 1], [3, 3, 3, 3]) == (0.625, 0.0)  # no spread: the raw win rate
+    assert length_controlled_win_rate([1, 1, 1], [5, -2, 0]) == (1.0, 0.0)  # all wins
+    assert length_controlled_win_rate([0, 0], [5, -2]) == (0.0, 0.0)
+    assert length_controlled_win_rate([], []) is None
+    # Symmetric data: no length effect either way.
+    lc, coef = length_controlled_win_rate([1, 0, 1, 0], [4, 4, -4, -4])
+    assert lc == pytest.approx(0.5) and coef == pytest.approx(0.0, abs=1e-9)
+
+
+def output(pid, text, n_tokens=None):
+    return H2HOutput(id=pid, instruction=f"q{pid}", text=text, generator="m", n_tokens=n_tokens)
+
+
+def verdict(pid, order, label):
+    return PairVerdict(id=f"{pid}-{order}", prompt_id=pid, order=order, text=f"Winner: {label}", label=label,
+                       winner=model_winner(label, order), error=None if label else "no 'Winner: A/B/tie' found")
+
+
+def test_summarize_hand_computed():
+    a = [output("1", "one two three", 3), output("2", "one", 1), output("3", "a b", 2), output("4", "x", 1),
+         output("5", "a b c d", 4)]
+    b = [output("1", "one", 1), output("2", "one two three", 3), output("3", "a b", 2), output("4", "x y", 2),
+         output("5", "e", 1)]
+    verdicts = [
+        verdict("1", "ab", "A"), verdict("1", "ba", "B"),      # A wins in both orders
+        verdict("2", "ab", "B"), verdict("2", "ba", "A"),      # B wins in both orders
+        verdict("3", "ab", "A"), verdict("3", "ba", "A"),      # position bias: the orders disagree -> tie
+        verdict("4", "ab", "tie"), verdict("4", "ba", "tie"),  # a tie in both orders
+        verdict("5", "ab", "A"), verdict("5", "ba", None),     # one failed order: prompt excluded
+    ]
+    s = summarize(a, b, verdicts, resamples=200)
+    assert s["counts"] == {"win": 1, "tie": 2, "loss": 1}
+    assert s["rates"] == {"win": 0.25, "tie": 0.5, "loss": 0.25}
+    assert s["win_rate"] == 0.5
+    assert (s["prompts"], s["judged_prompts"], s["excluded_prompts"]) == (5, 4, 1)
+    assert (s["judgments"], s["parse_failures"], s["order_disagreements"]) == (10, 1, 1)
+    assert s["first_position_preference"] == pytest.approx(5 / 7)  # "A" in 1-ab, 2-ba, 3-ab, 3-ba, 5-ab of 7
+    assert s["length"] == {"a": {"mean_tokens": 2.2, "mean_words": 2.2}, "b": {"mean_tokens": 1.8, "mean_words": 1.8}}
+    # Judged prompts 1-4: scores 1, 0, 0.5, 0.5, word differences +2, -2, 0, -1.
+    assert s["lc_win_rate"] == length_controlled_win_rate([1, 0, 0.5, 0.5], [2, -2, 0, -1])[0]
+    assert s["win_rate_ci95"] == bootstrap_ci(lambda idx: float(np.array([1, 0, 0.5, 0.5])[idx].mean()), 4,
+                                              resamples=200)
+    assert s["bootstrap"] == {"resamples": 200, "seed": 0, "level": 0.95}
+
+
+def test_summarize_with_every_verdict_failed():
+    a, b = [output("1", "x")], [output("1", "y")]
+    s = summarize(a, b, [verdict("1", "ab", None), verdict("1", "ba", None)])
+    assert s["judged_prompts"] == 0 and s["parse_failures"] == 2
+    assert s["win_rate"] is None and s["win_rate_ci95"] is None and s["lc_win_rate"] is None
+    assert s["length"]["a"] == {"mean_tokens": None, "mean_words": 1.0}  # a file's outputs have no token counts
+
+
+# --- reading prompts and outputs ----------------------------------------------------------------------------
+
+
+def test_prompts_in_every_supported_format(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "p1", "text": "Say hi.", "iteration": 1, "source": "generated"}\n\n'
+                       '{"id": "p2", "text": "Say bye.", "iteration": 1, "source": "user"}\n')
+    assert load_instructions(prompts) == [Instruction("p1", "Say hi."), Instruction("p2", "Say bye.")]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"instruction": "First?"}\n{"prompt": "Second?", "id": 7}\n')
+    assert load_instructions(rows) == [Instruction("0000", "First?"), Instruction("7", "Second?")]
+    alpaca = load_instructions(REFERENCE)
+    assert [x.id for x in alpaca] == ["0000", "0001", "0002"] and alpaca[2].text == "What is 12 times 12?"
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"instruction": "a"}\n{"question": "b"}\n', "line 2: no instruction (expected a non-empty string field "
+                                                   "instruction or prompt or text; fields found: question)"),
+    ('{"id": 1, "prompt": "a"}\n{"id": 1, "prompt": "b"}\n', "line 2: duplicate id '1' (first at line 1)"),
+    ('[{"instruction": "a"}, "b"]', "array item 1: expected a JSON object, found str"),
+    ('{"instruction": "a"\n', "invalid JSON"),
+    ("", "file is empty"),
+])
+def test_bad_prompt_files_name_the_place(tmp_path, content, message):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    with pytest.raises(InputError, match=str(path)) as error:
+        load_instructions(path)
+    assert message in str(error.value)
+
+
+def test_reference_outputs_are_matched_by_instruction(tmp_path):
+    outputs = load_outputs(REFERENCE)
+    assert outputs["What is 12 times 12?"] == "144."
+    side = Side(name=str(REFERENCE), outputs=outputs)
+    wanted = [Instruction("x", "  What is 12 times 12?\n"), Instruction("y", "Name three primary colors.")]
+    got = side_outputs(side, wanted, tmp_path / "outputs_b.jsonl", params=SamplingParams())
+    assert [(o.id, o.text, o.n_tokens) for o in got] == [("x", "144.", None),
+                                                         ("y", outputs["Name three primary colors."], None)]
+    with pytest.raises(InputError, match=r"1 of 2 prompts have no output here .*first missing: 'Unknown\?'"):
+        side_outputs(side, [wanted[0], Instruction("z", "Unknown?")], tmp_path / "o.jsonl", params=SamplingParams())
+    clash = tmp_path / "clash.jsonl"
+    clash.write_text('{"instruction": "q", "output": "1"}\n{"instruction": "q", "output": "2"}\n')
+    with pytest.raises(InputError, match="a second, different output"):
+        load_outputs(clash)
+
+
+# --- end to end ---------------------------------------------------------------------------------------------
+
+# What the scripted judge does with each instruction, by model: "a" / "b" name that model's response in both
+# orders; "first" always names the response shown first (position bias); "tie" says tie; "garbage" never
+# says "Winner:"; "half" names A when A is shown first and fails otherwise.
+PLAN = {"Tell me about owls.": "a", "Explain rain.": "a", "Describe a cat.": "b", "Name a river.": "first",
+        "Count to three.": "tie", "Write a haiku.": "garbage", "Define time.": "half"}
+
+
+def between(text: str, start: str, end: str) -> str:
+    return text.split(start, 1)[1].split(end, 1)[0]
+
+
+class ScriptedJudge:
+    """Judges by the plan; tells which shown response is model A's by reading the run's outputs_a.jsonl."""
+
+    def __init__(self, out_dir: Path):
+        self.out_dir = out_dir
+
+    def __call__(self, body: dict) -> str:
+        prompt = body["messages"][0]["content"]
+        instruction = between(prompt, "[Instruction]\n", "\n\n[Response A]")
+        shown_first = between(prompt, "[Response A]\n", "\n[End of Response A]")
+        outputs_a = {json.loads(line)["instruction"]: json.loads(line)["text"]
+                     for line in (self.out_dir / "outputs_a.jsonl").read_text().splitlines()}
+        a_first = shown_first == outputs_a[instruction]
+        plan = PLAN[instruction]
+        if plan in ("a", "b"):
+            return "Winner: " + ("A" if (plan == "a") == a_first else "B")
+        return {"first": "Response A is better.\nWinner: A", "tie": "**Winner:** tie", "garbage": "Both fine.",
+                "half": "Winner: A" if a_first else "I cannot tell."}[plan]
+
+
+@pytest.fixture(scope="module")
+def other_model(tiny_model, tmp_path_factory):
+    """Model B: the tiny model with its weights perturbed, so its responses differ from A's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    noise = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=noise))
+    out = tmp_path_factory.mktemp("model-b")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+CPU = ["--set", "device=cpu", "--set", "generation.batch_size=4"]
+
+
+def test_h2h_end_to_end_with_a_judge_behind_an_openai_compatible_server(tiny_model, other_model, tmp_path, capsys,
+                                                                        monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "text": text, "iteration": 0, "source": "user"}) + "\n"
+                               for i, text in enumerate(PLAN)))
+    out = tmp_path / "h2h"
+    with OpenAIServer(respond=ScriptedJudge(out)) as server:
+        args = ["eval", "h2h", "--a", str(tiny_model), "--b", str(other_model), "--prompts", str(prompts),
+                "--judge-url", server.url, "--judge-model", "judge-model", "--out", str(out),
+                "--temperature", "1.0", "--max-new-tokens", "8", *CPU]
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert len(server.requests) == 2 * len(PLAN)
+        assert {r["model"] for r in server.requests} == {"judge-model"}
+        assert {r["temperature"] for r in server.requests} == {0.0}  # the judge is greedy
+
+        outputs_a, outputs_b = read_jsonl(out / "outputs_a.jsonl"), read_jsonl(out / "outputs_b.jsonl")
+        assert [o["id"] for o in outputs_a] == [o["id"] for o in outputs_b] == [f"p{i}" for i in range(len(PLAN))]
+        assert all(a["text"] != b["text"] for a, b in zip(outputs_a, outputs_b))  # the script needs them apart
+        assert all(1 <= o["n_tokens"] <= 8 for o in outputs_a + outputs_b)
+        verdicts = read_jsonl(out / "verdicts.jsonl")
+        assert len(verdicts) == 14 and {v["order"] for v in verdicts} == {"ab", "ba"}
+        by_id = {v["id"]: v for v in verdicts}
+        assert by_id["p5-ab"] == {"id": "p5-ab", "prompt_id": "p5", "order": "ab", "text": "Both fine.", "label": None,
+                                  "winner": None, "error": "no 'Winner: A/B/tie' found"}
+        assert (by_id["p2-ba"]["label"], by_id["p2-ba"]["winner"]) == ("A", "b")  # B's response shown first, won
+
+        # Judged: p0 win, p1 win, p2 loss, p3 tie (orders disagree), p4 tie; p5 and p6 excluded.
+        judged = outputs_a[:5]
+        scores = np.array([1, 1, 0, 0.5, 0.5])
+        diffs = np.array([len(a["text"].split()) - len(b["text"].split()) for a, b in zip(judged, outputs_b)],
+                         dtype=float)
+        labels = np.array(["win", "win", "loss", "tie", "tie"], dtype=object)
+
+        def ci(statistic):
+            return bootstrap_ci(statistic, 5, resamples=1000, seed=0)
+
+        def mean(values):
+            return float(np.mean(values))
+
+        lc, coef = length_controlled_win_rate(scores, diffs)
+        expected = {
+            "a": str(tiny_model.resolve()), "b": str(other_model.resolve()),
+            "judge": f"judge-model at {server.url}",
+            "counts": {"win": 2, "tie": 2, "loss": 1},
+            "rates": {"win": 0.4, "tie": 0.4, "loss": 0.2},
+            "win_rate": 0.6,
+            "rates_ci95": {k: ci(lambda idx, k=k: float(np.mean(labels[idx] == k))) for k in ("win", "tie", "loss")},
+            "win_rate_ci95": ci(lambda idx: float(scores[idx].mean())),
+            "lc_win_rate": lc,
+            "lc_win_rate_ci95": ci(lambda idx: length_controlled_win_rate(scores[idx], diffs[idx])[0]),
+            "lc_length_coef": coef,
+            "prompts": 7, "judged_prompts": 5, "excluded_prompts": 2, "judgments": 14, "parse_failures": 3,
+            "order_disagreements": 1,
+            # Non-tie labels: A, B (p0), A, B (p1), B, A (p2), A, A (p3), A (p6-ab): 6 of 9 name the first shown.
+            "first_position_preference": 6 / 9,
+            "length": {side: {"mean_tokens": mean([o["n_tokens"] for o in outs]),
+                              "mean_words": mean([len(o["text"].split()) for o in outs])}
+                       for side, outs in (("a", outputs_a), ("b", outputs_b))},
+            "bootstrap": {"resamples": 1000, "seed": 0, "level": 0.95},
+            "conventions": CONVENTIONS,
+        }
+        result = json.loads((out / "h2h.json").read_text())
+        assert result == json.loads(json.dumps(expected))
+        assert "60.0%" in printed and "ties from order disagreement: 1" in printed
+
+        # A rerun finds every file complete: no model is loaded, no judge is asked, the same numbers come out.
+        monkeypatch.setattr(cli, "_generator_for", lambda *a: pytest.fail("a model was loaded on a complete rerun"))
+        assert main(args) == 0
+        assert len(server.requests) == 14
+        assert json.loads((out / "h2h.json").read_text()) == result
+
+        # The same directory under other settings would mix two comparisons: refused (exit 5).
+        assert main([*args[:-len(CPU)], "--max-new-tokens", "9", *CPU]) == 5
+        assert "max_new_tokens: 8 -> 9" in capsys.readouterr().err
+
+
+def test_h2h_against_reference_outputs_with_model_a_as_judge(tiny_model, tmp_path, capsys):
+    # AlpacaEval's layout: the prompts and B's responses come from one model_outputs.json-style array. The tiny
+    # random model cannot write "Winner: ...", so every verdict fails, is counted, and no rate is invented.
+    out = tmp_path / "h2h"
+    assert main(["eval", "h2h", "--a", str(tiny_model), "--b-outputs", str(REFERENCE), "--prompts", str(REFERENCE),
+                 "--judge", "self", "--judge-max-new-tokens", "6", "--max-new-tokens", "6", "--out", str(out),
+                 "--resamples", "50", *CPU]) == 0
+    result = json.loads((out / "h2h.json").read_text())
+    assert (result["prompts"], result["judged_prompts"], result["parse_failures"]) == (3, 0, 6)
+    assert result["win_rate"] is None and result["lc_win_rate"] is None
+    assert result["judge"] == f"self ({tiny_model.resolve()})" and result["b"] == str(REFERENCE)
+    assert result["length"]["b"]["mean_tokens"] is None
+    outputs_b = read_jsonl(out / "outputs_b.jsonl")
+    assert [o["text"] for o in outputs_b] == [r["output"] for r in json.loads(REFERENCE.read_text())]
+    assert "0 judged, 3 excluded; 6 of 6 verdicts failed to parse" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--a", "m", "--b", "m"], "no judge: give --judge self"),
+    (["--a-outputs", str(REFERENCE), "--b", "m", "--judge", "self"], "--judge self means model A judges"),
+    (["--a", "m", "--b", "m", "--judge-url", "http://x/v1"], "--judge-url needs --judge-model NAME"),
+    (["--a", "m", "--b", "m", "--judge", "self", "--judge-url", "http://x/v1", "--judge-model", "j"], "not both"),
+    (["--a", "m", "--b", "m", "--judge-url", "x/v1", "--judge-model", "j"], "expected an http:// or https:// URL"),
+])
+def test_h2h_usage_errors(tmp_path, capsys, extra, message):
+    assert main(["eval", "h2h", "--prompts", str(REFERENCE), "--out", str(tmp_path / "o"), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_h2h_missing_reference_output_exits_4(tmp_path, capsys):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"instruction": "Not in the reference file?"}\n')
+    code = main(["eval", "h2h", "--a-outputs", str(REFERENCE), "--b-outputs", str(REFERENCE), "--prompts",
+                 str(prompts), "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "j", "--out",
+                 str(tmp_path / "o")])
+    assert code == 4 and "1 of 1 prompts have no output here" in capsys.readouterr().err
+
+
+def test_h2h_help(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["eval", "h2h", "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: srlm eval h2h" in out and "--b-outputs FILE" in out and "--judge-url URL" in out
