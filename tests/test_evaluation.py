@@ -68,3 +68,50 @@ def test_oasst_export_is_read_and_split_by_prompt(tmp_path):
     assert len(eval_part) + len(train_part) == 80  # the unrated reply is left out
     assert {r.prompt_id for r in eval_part}.isdisjoint({r.prompt_id for r in train_part})
     assert all(heldout(r.prompt_id) for r in eval_part) and eval_part[0].reply.startswith("A")
+
+
+def write(tmp_path, rows, name="pairs.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_pairwise_labels_become_two_reply_prompts(tmp_path):
+    path = write(tmp_path, [
+        {"id": "x", "prompt": "Q1", "response_a": "good", "response_b": "bad", "winner": "A"},
+        {"instruction": "Q1", "output_1": "meh", "output_2": "great", "preference": 2},  # AlpacaEval names
+        {"question": "Q3", "output_a": "one", "output_b": "two", "winner": "tie"},
+        {"prompt": "Q4", "response_a": "p", "response_b": "q", "label": "model_b"},  # Chatbot Arena's labels
+    ])
+    r = load_ranked(path, "all")
+    assert [x.id for x in r] == ["x-a", "x-b", "pair00002-a", "pair00002-b", "pair00003-a", "pair00003-b",
+                                 "pair00004-a", "pair00004-b"]
+    # Same prompt text, different pairs: never compared across pairs.
+    assert r[0].prompt == r[2].prompt and r[0].prompt_id != r[2].prompt_id
+    # Judge: x right way round, pair 2 wrong way round, pair 3 a human tie (no metric), pair 4 a judge tie.
+    scores = {"x-a": 5, "x-b": 2, "pair00002-a": 4, "pair00002-b": 1, "pair00003-a": 1, "pair00003-b": 5,
+              "pair00004-a": 3, "pair00004-b": 3}
+    m = judge_agreement(r, scores)
+    assert m.pairs == 3 and m.prompts == 3
+    assert m.pairwise_accuracy == pytest.approx(1 / 3)
+    assert m.judge_tie_rate == pytest.approx(1 / 3)
+
+
+def test_preference_pairs_chosen_is_better(tmp_path):
+    path = write(tmp_path, [{"prompt": "Q", "chosen": "yes", "rejected": "no"}])
+    (a, b) = load_ranked(path, "all")
+    assert (a.reply, a.human_score, b.reply, b.human_score) == ("yes", 1.0, "no", 0.0)
+
+
+@pytest.mark.parametrize("row,fragments", [
+    ({"prompt": "Q", "response_a": "a", "response_b": "b", "winner": "C"}, ["pairs.jsonl:1: field 'winner'", "expected A, B or tie"]),
+    ({"prompt": "Q", "response_a": "a", "winner": "A"}, ["pairs.jsonl:1: field 'response_b'", "missing"]),
+    ({"prompt": 3, "chosen": "a", "rejected": "b"}, ["pairs.jsonl:1: field 'prompt'", "valid string"]),
+])
+def test_bad_pairwise_rows_name_line_and_field(tmp_path, row, fragments):
+    from srlm.errors import InputError
+
+    with pytest.raises(InputError) as e:
+        load_ranked(write(tmp_path, [row]), "all")
+    for fragment in fragments:
+        assert fragment in str(e.value)

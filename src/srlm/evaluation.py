@@ -1,8 +1,10 @@
 """Reward-modeling evaluation (PAPER.md §5): how well the model's judge agrees with human rankings.
 
-Input: prompts with several human-rated replies (`RankedReply` records, or the oasst2-srlm export). The
-model judges every reply with the same judge stage the loop uses; per prompt, its ordering is compared with
-the human one:
+Input: prompts with several human-rated replies (`RankedReply` records, or the oasst2-srlm export), or
+pairwise labels (a prompt, two responses, which one humans preferred: `PairwiseLabel`, or the `{prompt,
+chosen, rejected}` preference format). The model judges every reply with the same judge stage the loop
+uses; per prompt, its ordering is compared with the human one (a labelled pair is a prompt with two replies,
+so its pairwise accuracy is the share of pairs the judge scores the human way round):
 
 - pairwise accuracy: of the reply pairs with different human scores, the share the judge orders the same way;
 - exact match: the share of prompts where the judge orders every such pair the same way;
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 from itertools import combinations
 from pathlib import Path
 from statistics import mean
+
+from pydantic import AliasChoices, Field, field_validator
 
 from .errors import InputError
 from .records import Candidate, Prompt, Record, read_jsonl
@@ -53,13 +57,74 @@ class _OasstReply(Record):
     language: str | None = None
 
 
+_WINNERS = {"a": "A", "model_a": "A", "1": "A", "1.0": "A", "b": "B", "model_b": "B", "2": "B", "2.0": "B",
+            "tie": "tie", "1.5": "tie", "0": "tie", "0.0": "tie", "tie (bothbad)": "tie"}
+
+
+class PairwiseLabel(Record):
+    """A human preference between two responses to one prompt. Field names of the common exports are accepted:
+    `response_a`/`output_a`/`output_1`, and `winner`/`preference`/`label` as A, B or tie (also model_a/model_b as
+    in Chatbot Arena, and AlpacaEval's preference 1, 2 or 1.5)."""
+
+    model_config = Record.model_config | {"extra": "ignore"}
+
+    id: str | None = None
+    prompt: str = Field(validation_alias=AliasChoices("prompt", "instruction", "question"))
+    response_a: str = Field(validation_alias=AliasChoices("response_a", "output_a", "output_1"))
+    response_b: str = Field(validation_alias=AliasChoices("response_b", "output_b", "output_2"))
+    winner: str = Field(validation_alias=AliasChoices("winner", "preference", "label"))
+
+    @field_validator("id", "winner", mode="before")
+    @classmethod
+    def _as_text(cls, value):
+        return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    @field_validator("winner")
+    @classmethod
+    def _winner(cls, value: str) -> str:
+        found = _WINNERS.get(value.strip().lower())
+        if found is None:
+            raise ValueError(f"expected A, B or tie (or model_a/model_b, or 1/2/1.5), found {value!r}")
+        return found
+
+
+class _PreferencePair(Record):
+    """TRL's preference format: the chosen response is the human-preferred one."""
+
+    model_config = Record.model_config | {"extra": "ignore"}
+
+    id: str | None = None
+    prompt: str
+    chosen: str
+    rejected: str
+
+
+def _pairs_as_ranked(pairs: list[tuple[str, str, str, str, str]]) -> list[RankedReply]:
+    """(pair id, prompt, response A, response B, winner) -> two RankedReply per pair, in a group of their own.
+
+    Each pair is its own "prompt" (prompt_id = the pair id) even when two pairs share a prompt text: a label says
+    nothing about replies of other pairs. A tie gives both replies the same human score, so the pair counts in no
+    metric (as a human tie does for ranked replies)."""
+    out = []
+    for pid, prompt, a, b, winner in pairs:
+        score_a, score_b = {"A": (1.0, 0.0), "B": (0.0, 1.0), "tie": (0.5, 0.5)}[winner]
+        out += [RankedReply(id=f"{pid}-a", prompt_id=pid, prompt=prompt, reply=a, human_score=score_a),
+                RankedReply(id=f"{pid}-b", prompt_id=pid, prompt=prompt, reply=b, human_score=score_b)]
+    return out
+
+
+def _pair_id(given: str | None, number: int) -> str:
+    return given if given else f"pair{number:05d}"
+
+
 def heldout(prompt_id: str, eval_share: int = 4) -> bool:
     """The fixed split, by prompt (never by reply): a prompt is held out iff sha256(prompt_id) % 4 == 0."""
     return int(hashlib.sha256(prompt_id.encode()).hexdigest(), 16) % eval_share == 0
 
 
 def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
-    """Ranked replies from our schema or the oasst2-srlm export; `split` is eval, train or all."""
+    """Ranked replies from our schema, the oasst2-srlm export, pairwise labels or preference pairs (told apart
+    by the first line's fields); `split` is eval, train or all (by prompt id: for pairs, by pair id)."""
     path = Path(path)
     with open(path, "rb") as f:
         first = f.readline()
@@ -74,6 +139,14 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
         if len(replies) < len(rows):
             print(f"[srlm] {path}: {len(rows) - len(replies)} of {len(rows)} replies have no human score and are "
                   "left out", file=sys.stderr)
+    elif {"chosen", "rejected"} <= keys:
+        rows = read_jsonl(path, _PreferencePair)
+        replies = _pairs_as_ranked([(_pair_id(r.id, n), r.prompt, r.chosen, r.rejected, "A")
+                                    for n, r in enumerate(rows, start=1)])
+    elif keys & {"winner", "preference", "label"}:
+        rows = read_jsonl(path, PairwiseLabel)
+        replies = _pairs_as_ranked([(_pair_id(r.id, n), r.prompt, r.response_a, r.response_b, r.winner)
+                                    for n, r in enumerate(rows, start=1)])
     else:
         replies = read_jsonl(path, RankedReply)
     if split != "all":
