@@ -25,6 +25,12 @@ def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), _corpus())
 
 
+@pytest.fixture(scope="session")
+def tiny_model_vllm(tmp_path_factory) -> Path:
+    # The same tiny model with a head size vLLM's CPU attention supports (16 is below its minimum of 32).
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-model-vllm"), _corpus(), head_dim=32)
+
+
 @pytest.fixture
 def ift_file() -> Path:
     return FIXTURES / "ift.jsonl"

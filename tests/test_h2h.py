@@ -208,6 +208,20 @@ def test_prompts_in_every_supported_format(tmp_path):
     assert load_instructions(rows) == [Instruction("0000", "First?"), Instruction("7", "Second?")]
     alpaca = load_instructions(REFERENCE)
     assert [x.id for x in alpaca] == ["0000", "0001", "0002"] and alpaca[2].text == "What is 12 times 12?"
+    # MT-Bench question.jsonl: the first turn; Self-Instruct user-oriented: instruction + first instance's input;
+    # IFEval: its key is the id.
+    mt = tmp_path / "question.jsonl"
+    mt.write_text('{"question_id": 81, "category": "writing", "turns": ["Write a limerick.", "Now in French."]}\n')
+    assert load_instructions(mt) == [Instruction("81", "Write a limerick.")]
+    user = tmp_path / "user_oriented.jsonl"
+    user.write_text('{"id": "u0", "instruction": "Fix the grammar.", "instances": [{"input": "me go home", '
+                    '"output": "I go home."}]}\n{"id": "u1", "instruction": "Name a colour.", "instances": '
+                    '[{"input": "", "output": "Blue."}]}\n')
+    assert load_instructions(user) == [Instruction("u0", "Fix the grammar.\n\nme go home"),
+                                       Instruction("u1", "Name a colour.")]
+    ifeval = tmp_path / "input_data.jsonl"
+    ifeval.write_text('{"key": 1000, "prompt": "Write 3 words.", "instruction_id_list": [], "kwargs": []}\n')
+    assert load_instructions(ifeval) == [Instruction("1000", "Write 3 words.")]
 
 
 @pytest.mark.parametrize("content, message", [
@@ -217,6 +231,8 @@ def test_prompts_in_every_supported_format(tmp_path):
     ('[{"instruction": "a"}, "b"]', "array item 1: expected a JSON object, found str"),
     ('{"instruction": "a"\n', "invalid JSON"),
     ("", "file is empty"),
+    ('{"question_id": 1, "turns": []}\n', "line 1: field 'turns': expected a list whose first item"),
+    ('{"instruction": "a", "instances": [{"output": "x"}]}\n', "line 1: field 'instances': expected a list of"),
 ])
 def test_bad_prompt_files_name_the_place(tmp_path, content, message):
     path = tmp_path / "p.jsonl"

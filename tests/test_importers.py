@@ -447,7 +447,7 @@ def test_cli_ranked_to_eft(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(srlm.cli, "_generator", lambda args, config: ScriptedJudge(SCRIPT))
     out = tmp_path / "eft.jsonl"
     code = main(["data", "import", "--from", "ranked", str(DATA / "ranked.jsonl"), "--to", "eft", str(out),
-                 "--model", "unused", "--set", "judge.k=2"])
+                 "--model", "unused", "--set", "judge.k=2", "--set", "generation.batch_size=8"])
     assert code == 0
     assert len(read_jsonl(tmp_path / "eft.judgments.jsonl", Judgment)) == 14
     # Scores 5, 3, 1 (q-boil) and 4, 1 (q-hill): the two 1s would be 40% of the set, so one goes.

@@ -181,7 +181,7 @@ def test_expected_judge_mode_and_evaluation_of_every_model(tiny_model, tmp_path,
                  f"eval.judge_data={FIXTURES / 'importers' / 'ranked.jsonl'}", "eval.judge_split=all",
                  f"eval.ifeval_data={FIXTURES / 'ifeval' / 'input_data.jsonl'}", "eval.ifeval_max_new_tokens=8",
                  f"eval.h2h_prompts={FIXTURES / 'h2h_reference_outputs.json'}", "eval.h2h_max_new_tokens=8",
-                 "judge.mode=expected", "judge.expected_min_mass=0"]
+                 "judge.mode=expected", "judge.expected_min_mass=0", "eval.sft_baseline=true"]
     root = tmp_path / "run"
     summary = run(load_config(overrides=overrides), root)
     # judge.mode=expected: one judgment per candidate, scored from the next-token distribution.
@@ -189,11 +189,23 @@ def test_expected_judge_mode_and_evaluation_of_every_model(tiny_model, tmp_path,
     judgments = read_jsonl(root / "iter_1" / "judgments.jsonl", Judgment)
     assert sorted(j.candidate_id for j in judgments) == sorted(c.id for c in candidates)
     assert all(j.score is not None and len(j.score_probs) == 6 for j in judgments)
-    # Continuous scores almost never tie: every prompt gives a pair.
-    assert summary["iterations"][1]["pairs"] == len({c.prompt_id for c in candidates}) > 0
+    # Continuous scores do not tie: every prompt whose samples are not all the same text gives a pair.
+    varied = {p for p in {c.prompt_id for c in candidates}
+              if len({c.text for c in candidates if c.prompt_id == p}) > 1}
+    assert summary["iterations"][1]["pairs"] == len(varied)
 
     lines = [json.loads(x) for x in (root / "eval.jsonl").read_text().splitlines()]
-    assert [x["model"] for x in lines] == ["M1", "M2"]
+    assert [x["model"] for x in lines] == ["SFT", "M1", "M2"]
+    # The SFT baseline: M0 on the IFT seed alone (no EFT), a model of its own, measured like the others.
+    manifest = json.loads((root / "manifest.json").read_text())
+    ift_lines = len((FIXTURES / "ift.jsonl").read_text().splitlines())
+    assert manifest["stages"]["sft_baseline"]["counts"] == {"examples": ift_lines}
+    assert manifest["stages"]["sft"]["counts"]["examples"] > ift_lines
+    assert (root / "models" / "SFT" / "model.safetensors").exists()
+    assert "h2h_vs_sft" not in lines[0] and "h2h_vs_previous" not in lines[0]
+    for x in lines[1:]:
+        assert (x["h2h_vs_sft"]["a"], x["h2h_vs_sft"]["b"], x["h2h_vs_sft"]["prompts"]) == (x["model"], "SFT", 3)
+    lines = lines[1:]
     for x in lines:
         assert x["judge"]["replies_scored"] == 9 and x["judge"]["prompts"] == 4  # 4 prompts, 2-3 replies each
         assert 0 <= x["judge"]["pairwise_accuracy"] <= 1
@@ -206,7 +218,7 @@ def test_expected_judge_mode_and_evaluation_of_every_model(tiny_model, tmp_path,
     assert (root / "eval.png").stat().st_size > 0
     assert "judge pairwise accuracy" in capsys.readouterr().out
     table = report(root, png=False)
-    assert "IFEval prompt strict" in table and "M2" in table
+    assert "IFEval prompt strict" in table and "M2" in table and "SFT" in table
 
 
 def test_a_bad_eval_set_fails_before_any_training(tiny_model, tmp_path):

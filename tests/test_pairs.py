@@ -60,3 +60,12 @@ def test_several_prompts_counted_separately():
     sel = select_pairs(p1 + p2 + p3, c1 + c2 + c3, j1 + j2 + j3)
     assert [p.prompt_id for p in sel.pairs] == ["x"]
     assert sel.dropped == {TIE: 1, TOO_FEW_JUDGED: 1}
+
+
+def test_best_and_worst_of_the_same_text_is_no_preference():
+    from srlm.pairs import SAME_TEXT
+
+    prompts, candidates, judgments = make({0: [4, 5], 1: [3, 3], 2: [1, 2]})
+    candidates = [c.model_copy(update={"text": "same answer"}) if c.index in (0, 2) else c for c in candidates]
+    sel = select_pairs(prompts, candidates, judgments)
+    assert sel.pairs == [] and sel.dropped == {SAME_TEXT: 1}

@@ -84,6 +84,20 @@ def cmd_sft(args) -> int:
     return 0
 
 
+def _ready(config, name: str | None):
+    """Fix generation.batch_size=auto for the model `name`; called once a command's input files are checked (it may
+    convert the embedded model). Stages plan their batches with the number, so it is fixed before they start."""
+    from .backends import resolve_batch_size
+
+    if config.generation.batch_size == "auto":
+        if name is None:
+            config.generation.batch_size = 16
+        else:
+            path = name if config.generation.backend == "openai" else _model_path(name, config)
+            config.generation.batch_size = resolve_batch_size(config, path)
+    return config
+
+
 def _generator(args, config):
     return _generator_for(args.model, config)
 
@@ -116,7 +130,7 @@ def cmd_prompts(args) -> int:
 
     config = _load(args)
     pool = _seed_prompts(args.seed_prompts) if args.seed_prompts else [x.prompt for x in load_ift(config.data.ift)]
-    options = prompt_options(config, args.num)
+    options = prompt_options(_ready(config, args.model), args.num)
     with bar(options["num_prompts"], "prompts") as progress:
         prompts, attempts = generate_prompts(_generator(args, config), pool, args.out, iteration=args.iteration,
                                              seed=config.seed, progress=progress, **options)
@@ -131,6 +145,7 @@ def cmd_respond(args) -> int:
 
     config = _load(args)
     prompts = read_jsonl(args.prompts, Prompt)  # validated before minutes go into loading a model
+    _ready(config, args.model)
     with bar(len(prompts) * config.candidates.n, "candidates") as progress:
         out = respond(_generator(args, config), prompts, args.out, seed=config.seed, progress=progress,
                       **respond_options(config))
@@ -146,6 +161,7 @@ def cmd_judge(args) -> int:
     config = _load(args)
     prompts, candidates = read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate)
     check_links(args.candidates, candidates, "prompt_id", prompts, args.prompts)
+    _ready(config, args.model)
     with bar(len(candidates) * judgments_per_candidate(config), "judgments") as progress:
         out = run_judge(_generator(args, config), prompts, candidates, args.out, config, seed=config.seed,
                         progress=progress)
@@ -208,6 +224,7 @@ def _import_ranked(args, out: Path):
                         "SFT model, PAPER.md §2)")
     config = _load(args)
     replies = load_ranked(args.src, args.split)  # validated before minutes go into loading a model
+    _ready(config, args.model)
     side = judgments_path(out)
     if side.exists() or side.with_name(side.name + ".partial").exists():
         print(f"[srlm] reusing the judgments already in {side} (delete it after changing the model or judge "
@@ -261,6 +278,7 @@ def cmd_eval_judge(args) -> int:
 
     config = _load(args)
     replies = first_prompts(load_ranked(args.data, args.split), args.max_prompts)
+    _ready(config, args.model)
     with bar(len(replies) * judgments_per_candidate(config), "judgments") as progress:
         result = measure_judge(_generator(args, config), replies, args.out, config, seed=config.seed,
                                about=dict(model=args.model, data=str(args.data), split=args.split), progress=progress)
@@ -293,7 +311,7 @@ def cmd_eval_ifeval(args) -> int:
         responses = ifeval.load_responses(args.responses, rows, every)
         about.update(responses=str(args.responses))
     else:
-        config = _load(args)
+        config = _ready(_load(args), args.model)
         model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
         ifeval.check_settings(args.out, dict(model=model, data=str(args.data.resolve()),
                                              max_new_tokens=args.max_new_tokens, temperature=0.0))
@@ -329,6 +347,7 @@ def cmd_eval_h2h(args) -> int:
     config = _load(args)
     template = load_pairwise_template(args.judge_template)
     instructions = load_instructions(args.prompts)[: args.max_prompts]  # validated before any model loads
+    _ready(config, args.a or args.b or (None if args.judge_url else args.judge))
 
     def name(model: str) -> str:
         return str(Path(model).resolve()) if Path(model).exists() else model

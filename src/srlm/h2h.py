@@ -40,7 +40,7 @@ from typing import Literal
 
 import numpy as np
 
-from .backends import Generator, SamplingParams, batch_params, plan_batches
+from .backends import Generator, SamplingParams, batch_params, close, plan_batches
 from .errors import ConfigError, InputError, RunDirError
 from .records import Record, RecordLog, atomic_write_text, write_jsonl
 from .rundir import pin_settings
@@ -166,13 +166,38 @@ def _text_field(row: dict, names: Sequence[str], path: Path, where: str, what: s
 
 
 def load_instructions(path: Path) -> list[Instruction]:
-    """Prompts from srlm Prompt records ({id, text, ...}), {instruction} or {prompt} rows (JSONL), or a JSON
-    array of such objects (AlpacaEval's model_outputs.json). A row without an id gets its position, 0000..."""
+    """Prompts from any of the evaluation sets' own files, told apart by their fields:
+
+    - srlm Prompt records ({id, text, ...}), or {instruction} / {prompt} rows (JSONL);
+    - AlpacaEval's model_outputs.json (a JSON array of {instruction, output, ...});
+    - MT-Bench's question.jsonl ({question_id, turns: [...]}): the first turn (srlm compares single turns);
+    - Self-Instruct's user_oriented_instructions.jsonl ({id, instruction, instances: [{input, output}]}): the
+      instruction followed by the first instance's input, as the authors present it to a model;
+    - IFEval's input_data.jsonl ({key, prompt, ...}).
+    A row without an id gets its position, 0000...
+    """
     path = Path(path)
     out, seen = [], {}
     for i, (where, row) in enumerate(_rows(path)):
-        text = _text_field(row, ("instruction", "prompt", "text"), path, where, "instruction")
-        pid = str(row["id"]) if row.get("id") is not None else f"{i:04d}"
+        if isinstance(row.get("turns"), list):
+            turns = row["turns"]
+            if not turns or not isinstance(turns[0], str) or not turns[0].strip():
+                raise InputError(f"{where}: field 'turns': expected a list whose first item is a non-empty string",
+                                 path=path)
+            text = turns[0]
+        else:
+            text = _text_field(row, ("instruction", "prompt", "text"), path, where, "instruction")
+            instances = row.get("instances")
+            if instances:
+                first = instances[0] if isinstance(instances, list) else None
+                extra = first.get("input") if isinstance(first, dict) else None
+                if not isinstance(extra, str):
+                    raise InputError(f"{where}: field 'instances': expected a list of {{input, output}} objects",
+                                     path=path)
+                if extra.strip():
+                    text = f"{text.strip()}\n\n{extra.strip()}"
+        given = next((row[k] for k in ("id", "question_id", "key") if row.get(k) is not None), None)
+        pid = str(given) if given is not None else f"{i:04d}"
         if pid in seen:
             raise InputError(f"{where}: duplicate id {pid!r} (first at {seen[pid]})", path=path)
         seen[pid] = where
@@ -469,6 +494,10 @@ class _Lazy:
             self.generator = self.factory()
         return self.generator.generate(requests, params)
 
+    def close(self) -> None:
+        close(self.generator)
+        self.generator = None
+
 
 def _release() -> None:
     # One model at a time: A's weights go before B's (or the judge's) are loaded.
@@ -513,8 +542,10 @@ def side_outputs(side: Side, instructions: Sequence[Instruction], out_path: Path
                  batch_size: int = 16) -> list[H2HOutput]:
     if side.outputs is None:
         assert side.generator is not None, "a side needs a model or outputs"
-        outputs = generate_outputs(_Lazy(side.generator), instructions, out_path, name=side.name, params=params,
+        model = _Lazy(side.generator)
+        outputs = generate_outputs(model, instructions, out_path, name=side.name, params=params,
                                    batch_size=batch_size)
+        model.close()
         _release()
         return outputs
     missing = [x for x in instructions if x.text.strip() not in side.outputs]
@@ -579,8 +610,10 @@ def head_to_head(instructions: Sequence[Instruction], a: Side, b: Side, judge: C
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     outputs_a = side_outputs(a, instructions, out_dir / "outputs_a.jsonl", params=params, batch_size=batch_size)
     outputs_b = side_outputs(b, instructions, out_dir / "outputs_b.jsonl", params=params, batch_size=batch_size)
-    verdicts = judge_pairs(_Lazy(judge), outputs_a, outputs_b, out_dir / "verdicts.jsonl", template=template,
+    judge_model = _Lazy(judge)
+    verdicts = judge_pairs(judge_model, outputs_a, outputs_b, out_dir / "verdicts.jsonl", template=template,
                            max_new_tokens=judge_max_new_tokens, batch_size=batch_size, seed=seed)
+    judge_model.close()
     _release()
     summary = dict(a=a.name, b=b.name, judge=judge_name,
                    **summarize(outputs_a, outputs_b, verdicts, resamples=resamples, seed=seed),

@@ -9,7 +9,10 @@
       pairs        best vs worst per prompt, ties dropped       -> AIFT(M(t))
       dpo          M(t+1) = DPO(M(t), AIFT(M(t)))
     eval.M<t>    after each model, when the config names evaluation sets (eval.*): judge agreement with humans,
-                 IFEval (PAPER.md §5) -> RUN/eval/M<t>/, RUN/eval.jsonl, RUN/eval.png
+                 IFEval, head-to-head with the previous model (PAPER.md §5) -> RUN/eval/M<t>/, RUN/eval.jsonl,
+                 RUN/eval.png
+    sft_baseline with eval.sft_baseline: M0 on IFT alone -> models/SFT, measured like the others (eval.SFT) and
+                 compared head-to-head with every M(t)
 
 Every stage reads and writes files in the run directory and is marked complete in the manifest only once
 its outputs are whole, so `srlm run --resume RUN` continues after the last complete stage (and inside a
@@ -25,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import h2h, ifeval, models
-from .backends import make_generator
+from .backends import close, make_generator, resolve_batch_size
 from .candidates import respond, respond_options
 from .config import RunConfig, config_to_yaml
 from .dpo import train_dpo
@@ -97,6 +100,9 @@ class Run:
             load_ift(config.data.ift, config.data.ift_limit)
             load_eft(config.data.eft, config.data.eft_limit)
             self._eval_sets()
+            if config.generation.batch_size == "auto":
+                # Fixed once and recorded in config.yaml: every stage plans (and a resume replans) the same batches.
+                config.generation.batch_size = resolve_batch_size(config, models.resolve(config.model))
             self.dir.create(config)
         self.template = load_template(config.judge.template)
         self._generator = None
@@ -122,6 +128,7 @@ class Run:
         return self._generator
 
     def _release_generator(self) -> None:
+        close(self._generator)
         self._generator = None
         self._generator_model = None
         import gc
@@ -151,6 +158,16 @@ class Run:
             return {"examples": len(ift) + len(eft)}
 
         return self._stage("sft", work, lambda: out)
+
+    def sft_baseline_stage(self, ift) -> Path:
+        """The paper's SFT baseline (PAPER.md §2): M0 fine-tuned on IFT alone, the yardstick of §6."""
+        out = self.dir.sft_baseline
+
+        def work():
+            train_sft(models.resolve(self.config.model), ift, [], out, self.config, template=self.template)
+            return {"examples": len(ift)}
+
+        return self._stage("sft_baseline", work, lambda: out)
 
     def iteration(self, t: int, seed_prompts: list[str]) -> dict:
         cfg, folder, model_t = self.config, self.dir.iteration(t), self.dir.model(t)
@@ -210,7 +227,7 @@ class Run:
             return {"pairs": len(pairs)}
 
         self._stage(f"iter_{t}.dpo", dpo_work, lambda: self.dir.model(t + 1))
-        self.eval_stage(t + 1)
+        self.eval_stage(f"M{t + 1}", self.dir.model(t + 1), previous=(f"M{t}", model_t))
         attempts = read_jsonl(folder / "prompts_attempts.jsonl", PromptAttempt)
         return iteration_stats(attempts, candidates, judgments, selection, len(prompts))
 
@@ -225,11 +242,11 @@ class Run:
         instructions = h2h.load_instructions(e.h2h_prompts)[: e.h2h_limit] if e.h2h_prompts else None
         return replies, rows, instructions
 
-    def _h2h_judge(self, newer: Path):
+    def _h2h_judge(self, newer: Path, name: str):
         """The head-to-head judge as eval.h2h_judge names it: (name, a function that builds its backend)."""
         e, g = self.config.eval, self.config.generation
         if e.h2h_judge == "self":
-            return f"self (M{newer.name[1:]})", lambda: make_generator(self.config, newer)
+            return f"self ({name})", lambda: make_generator(self.config, newer)
         if e.h2h_judge.startswith(("http://", "https://")):
             from .backends import OpenAIGenerator
 
@@ -239,45 +256,52 @@ class Run:
         path = models.resolve(self.config.model.model_copy(update={"name_or_path": e.h2h_judge}))
         return str(path), lambda: make_generator(self.config, path)
 
-    def eval_stage(self, t: int) -> None:
-        """Measure M(t) on the configured evaluation sets (PAPER.md §5): RUN/eval/M<t>/, one line of eval.jsonl."""
+    def eval_stage(self, name: str, model: Path, previous: tuple[str, Path] | None = None) -> None:
+        """Measure one model on the configured evaluation sets (PAPER.md §5): RUN/eval/<name>/, a line of
+        eval.jsonl. Head-to-heads: against `previous` (M(t-1)) and, with eval.sft_baseline, the SFT baseline."""
         replies, rows, instructions = self._eval_sets()
-        if replies is None and rows is None and (instructions is None or t < 2):
+        opponents = []
+        if instructions is not None:
+            if previous is not None:
+                opponents.append(("h2h_vs_previous", *previous))
+            if self.config.eval.sft_baseline and name != "SFT":
+                opponents.append(("h2h_vs_sft", "SFT", self.dir.sft_baseline))
+        if replies is None and rows is None and not opponents:
             return
-        e, folder, model_t = self.config.eval, self.dir.root / "eval" / f"M{t}", self.dir.model(t)
+        e, folder = self.config.eval, self.dir.root / "eval" / name
 
         def work():
-            result: dict = {"model": f"M{t}"}
+            result: dict = {"model": name}
             if replies is not None:
-                with _bar(len(replies) * judgments_per_candidate(self.config), f"eval M{t} judge") as bar:
-                    result["judge"] = measure_judge(self._generator_for(model_t), replies, folder / "judge",
+                with _bar(len(replies) * judgments_per_candidate(self.config), f"eval {name} judge") as bar:
+                    result["judge"] = measure_judge(self._generator_for(model), replies, folder / "judge",
                                                     self.config, seed=self.config.seed, progress=bar,
                                                     about={"data": str(e.judge_data), "split": e.judge_split})
             if rows is not None:
-                with _bar(len(rows), f"eval M{t} ifeval") as bar:
+                with _bar(len(rows), f"eval {name} ifeval") as bar:
                     responses = ifeval.generate_responses(
-                        self._generator_for(model_t), rows, folder / "ifeval" / "responses.jsonl",
+                        self._generator_for(model), rows, folder / "ifeval" / "responses.jsonl",
                         max_new_tokens=e.ifeval_max_new_tokens, batch_size=self.config.generation.batch_size,
                         seed=self.config.seed, progress=bar)
                 score, _ = ifeval.score(rows, {r.key: r.response for r in responses})
                 result["ifeval"] = ifeval.summary(score, responses, {"data": str(e.ifeval_data)})
-            if instructions is not None and t >= 2:
+            for key, other_name, other in opponents:
                 self._release_generator()
-                older = self.dir.model(t - 1)
-                judge_name, judge = self._h2h_judge(model_t)
-                result["h2h_vs_previous"] = h2h.head_to_head(
-                    instructions, h2h.Side(f"M{t}", generator=lambda: make_generator(self.config, model_t)),
-                    h2h.Side(f"M{t - 1}", generator=lambda: make_generator(self.config, older)), judge,
-                    folder / "h2h", judge_name=judge_name, temperature=0.0, max_new_tokens=e.h2h_max_new_tokens,
+                judge_name, judge = self._h2h_judge(model, name)
+                result[key] = h2h.head_to_head(
+                    instructions, h2h.Side(name, generator=lambda: make_generator(self.config, model)),
+                    h2h.Side(other_name, generator=lambda other=other: make_generator(self.config, other)), judge,
+                    folder / ("h2h" if key == "h2h_vs_previous" else key), judge_name=judge_name, temperature=0.0, max_new_tokens=e.h2h_max_new_tokens,
                     judge_max_new_tokens=self.config.judge.max_new_tokens,
                     batch_size=self.config.generation.batch_size, seed=self.config.seed)
             atomic_write_text(folder / "eval.json", json.dumps(result, indent=2) + "\n")
             self._release_generator()
             return {k: 1 for k in result if k != "model"}
 
-        self._stage(f"eval.M{t}", work, lambda: None)
+        self._stage(f"eval.{name}", work, lambda: None)
+        order = lambda p: -1 if p.parent.name == "SFT" else int(p.parent.name[1:])
         results = [json.loads(path.read_text(encoding="utf-8"))
-                   for path in sorted((self.dir.root / "eval").glob("M*/eval.json"), key=lambda p: int(p.parent.name[1:]))]
+                   for path in sorted((self.dir.root / "eval").glob("*/eval.json"), key=order)]
         atomic_write_text(self.dir.root / "eval.jsonl", "".join(json.dumps(r) + "\n" for r in results))
         plot_eval(results, self.dir.root / "eval.png")
 
@@ -303,7 +327,9 @@ class Run:
         start = time.time()
         ift, eft = self.seed_stage()
         self.sft_stage(ift, eft)
-        self.eval_stage(1)
+        if self.config.eval.sft_baseline:
+            self.eval_stage("SFT", self.sft_baseline_stage(ift))
+        self.eval_stage("M1", self.dir.model(1))
         seed_prompts = [x.prompt for x in ift]
         per_iteration = {t: self.iteration(t, seed_prompts) for t in range(1, self.config.iterations + 1)}
         summary = {"iterations": per_iteration, "models": [str(self.dir.model(t)) for t in

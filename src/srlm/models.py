@@ -146,6 +146,63 @@ def pick_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+def cpu_has_native_bf16() -> bool:
+    """AMX or AVX-512 BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later): bf16 matrix products at several
+    times the fp32 rate. Elsewhere bf16 on a CPU is emulated and slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def generation_dtype(setting: str, model: ModelConfig, device: str) -> str:
+    """The dtype sampling runs in: as set, else model.dtype when that is set, else bf16 where the hardware has it
+    (measured on the 2-core CPU: 2x fp32's tokens/s, bench/speed.py), else fp32."""
+    import torch
+
+    if setting != "auto":
+        return setting
+    if model.dtype != "auto":
+        return model.dtype
+    if device == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
+
+
+def total_memory(device: str) -> int:
+    """Bytes of memory on the device (not what is free now: a run's batch size must not depend on the moment)."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def auto_batch_size(path: Path | str, device: str, dtype: str, seq_len: int) -> int:
+    """Sequences per sampling batch: as many as a fifth of the device's memory holds key/value caches of `seq_len`
+    tokens for, a power of two, at most 128 on a CPU (throughput stops growing there, bench/speed.py) and 256 on a
+    GPU."""
+    import json
+
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 16  # a hub id not downloaded yet, or an unusual layout: a safe middle
+    config = config.get("text_config", config)
+    layers = config.get("num_hidden_layers", 32)
+    heads = config.get("num_attention_heads", 32)
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config.get("hidden_size", 4096) // heads
+    per_token = 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
+    fits = int(0.2 * total_memory(device) // (per_token * seq_len))
+    cap = 256 if device == "cuda" else 128
+    size = 1
+    while size * 2 <= min(fits, cap):
+        size *= 2
+    return size
+
+
 def load_tokenizer(path: Path | str, model: ModelConfig):
     from transformers import AutoTokenizer
 

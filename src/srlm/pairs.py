@@ -14,6 +14,9 @@ from .records import Candidate, Judgment, Pair, Prompt
 
 TIE = "tie"
 TOO_FEW_JUDGED = "fewer than 2 candidates with a valid judgment"
+# Two samples can be the same text, and the judge can still score them apart (sampled justifications, or the
+# rounding of a batch): such a pair would teach nothing and would count as a preference that is not one.
+SAME_TEXT = "best and worst candidates are the same text"
 
 
 @dataclass
@@ -39,7 +42,8 @@ def select_pairs(
     *,
     exclude_flagged: bool = True,
 ) -> PairSelection:
-    """One pair per prompt: chosen = highest mean score, rejected = lowest; dropped on a tie.
+    """One pair per prompt: chosen = highest mean score, rejected = lowest; dropped on a tie (or when the two are
+    the same text).
 
     A candidate takes part only with at least one parsed judgment (a failure is not a score) and, with
     `exclude_flagged`, only if it contains no judge-format text. Among equal top (or bottom) scores the
@@ -62,6 +66,9 @@ def select_pairs(
         worst = min(scored, key=lambda c: (means[c.id], c.index))
         if means[best.id] == means[worst.id]:
             selection.dropped[TIE] += 1
+            continue
+        if best.text.strip() == worst.text.strip():
+            selection.dropped[SAME_TEXT] += 1
             continue
         selection.pairs.append(
             Pair(

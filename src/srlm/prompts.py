@@ -88,10 +88,13 @@ def prompt_options(config, num_prompts: int | None = None) -> dict:
     """generate_prompts' keyword arguments from a RunConfig (all but the seed)."""
     p = config.prompts
     num = num_prompts or p.num_prompts
+    # A batch's few-shot examples can only include model-written prompts kept by earlier batches (PAPER.md §4.1:
+    # 6 human + 2 model-written), and it is generated whole: no batch much larger than what is still needed.
+    batch = min(config.generation.batch_size, max(16, num))
     return dict(num_prompts=num, few_shot_human=p.few_shot_human, few_shot_model=p.few_shot_model,
                 temperature=p.temperature, top_p=p.top_p, max_new_tokens=p.max_new_tokens, min_words=p.min_words,
                 max_words=p.max_words, blocked_keywords=p.blocked_keywords, rouge_l_max=p.rouge_l_max,
-                max_attempts=int(num * p.max_attempts_factor), batch_size=config.generation.batch_size)
+                max_attempts=int(num * p.max_attempts_factor), batch_size=batch)
 
 
 def generate_prompts(

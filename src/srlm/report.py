@@ -79,6 +79,8 @@ EVAL_ROWS = [
     ("win rate vs previous", ("h2h_vs_previous", "win_rate")),
     ("LC win rate vs previous", ("h2h_vs_previous", "lc_win_rate")),
     ("response words (head-to-head)", ("h2h_vs_previous", "length", "a", "mean_words")),
+    ("win rate vs SFT baseline", ("h2h_vs_sft", "win_rate")),
+    ("LC win rate vs SFT baseline", ("h2h_vs_sft", "lc_win_rate")),
 ]
 
 
@@ -124,8 +126,10 @@ def plot_eval(results: list[dict], path: Path) -> Path | None:
                     ("prompt loose", ("ifeval", "prompt_level_loose_acc")),
                     ("instruction strict", ("ifeval", "inst_level_strict_acc")),
                     ("instruction loose", ("ifeval", "inst_level_loose_acc"))]),
-        ("head-to-head vs previous model", [("win rate", ("h2h_vs_previous", "win_rate")),
-                                            ("length-controlled", ("h2h_vs_previous", "lc_win_rate"))]),
+        ("head-to-head", [("win rate vs previous", ("h2h_vs_previous", "win_rate")),
+                          ("LC win rate vs previous", ("h2h_vs_previous", "lc_win_rate")),
+                          ("win rate vs SFT baseline", ("h2h_vs_sft", "win_rate")),
+                          ("LC win rate vs SFT baseline", ("h2h_vs_sft", "lc_win_rate"))]),
         ("response length", [("IFEval, mean tokens", ("ifeval", "mean_response_tokens")),
                              ("head-to-head, mean words", ("h2h_vs_previous", "length", "a", "mean_words"))]),
     ]

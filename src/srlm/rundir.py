@@ -3,7 +3,7 @@
     RUN/config.yaml                 the resolved config (what `--resume` runs with)
     RUN/manifest.json               versions, seed, and per stage: status, counts, seconds
     RUN/data/{ift,eft}.jsonl        the seed data this run trained on (a snapshot)
-    RUN/models/M1, M2, ...          checkpoints, Hugging Face layout, safetensors
+    RUN/models/M1, M2, ...          checkpoints, Hugging Face layout, safetensors (models/SFT: the SFT baseline)
     RUN/iter_<t>/prompts.jsonl      AIFT data made by M(t): prompts, candidates, judgments, pairs
     RUN/summary.json                the end-of-run summary
 
@@ -51,6 +51,10 @@ class RunDir:
 
     def model(self, t: int) -> Path:
         return self.root / "models" / f"M{t}"
+
+    @property
+    def sft_baseline(self) -> Path:
+        return self.root / "models" / "SFT"
 
     def iteration(self, t: int) -> Path:
         return self.root / f"iter_{t}"

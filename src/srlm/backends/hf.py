@@ -1,0 +1,321 @@
+"""The transformers backend: a transformers model in this process, on CPU or GPU."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import Completion, Request, SamplingParams
+
+
+def render(tokenizer, request: Request) -> str:
+    """The text a model sees: raw text as is, chat messages through the model's chat template."""
+    if isinstance(request, str):
+        return request
+    return tokenizer.apply_chat_template(request, tokenize=False, add_generation_prompt=True)
+
+
+def choice_tokens(tokenizer, text: str, choices: Sequence[str]) -> tuple[list[int], list[int]]:
+    """(tokens every choice starts with, the one distinct token of each choice) after `text`.
+
+    The choices may share leading tokens (" 3" is " " + "3" for SmolLM2, one token for Llama 3): those go into the
+    prompt, and each choice must then be one token of its own."""
+    encode = lambda t: tokenizer(t, add_special_tokens=False).input_ids
+    base = encode(text)
+    tails = []
+    for choice in choices:
+        full = encode(text + choice)
+        if full[: len(base)] != base:
+            raise ValueError(f"the tokenizer merges {choice!r} into the text before it; cannot score choices")
+        tails.append(full[len(base) :])
+    shared: list[int] = []
+    while all(len(t) > 1 for t in tails) and len({t[0] for t in tails}) == 1:
+        shared.append(tails[0][0])
+        tails = [t[1:] for t in tails]
+    if any(len(t) != 1 for t in tails) or len({t[0] for t in tails}) != len(tails):
+        raise ValueError(f"choices {list(choices)} are not one distinct token each after a shared start")
+    return shared, [t[0] for t in tails]
+
+
+def sample_tokens(logits, temperature: float, top_p: float, generator, shortlist: int = 256):
+    """One token per row of `logits` (batch, vocabulary): greedy at temperature 0, else temperature then top-p.
+
+    The distribution of transformers' temperature and top-p warpers followed by multinomial sampling (the smallest
+    set of most likely tokens whose probability reaches `top_p`), computed on the `shortlist` most likely tokens
+    when their probability already reaches `top_p` (almost always) and on the whole vocabulary otherwise: sorting
+    the whole vocabulary, and drawing a random number per entry, cost more than the model's forward pass on a
+    CPU. Random numbers come from `generator`, so a batch's samples depend only on its seed.
+    """
+    import torch
+
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scaled = logits.float().div_(temperature)
+    if top_p >= 1.0:
+        return torch.multinomial(torch.softmax(scaled, -1), 1, generator=generator)[:, 0]
+    tokens = torch.empty(len(scaled), dtype=torch.long, device=scaled.device)
+    log_z = torch.logsumexp(scaled, -1, keepdim=True)
+    left = torch.arange(len(scaled), device=scaled.device)
+    vocabulary = scaled.shape[-1]
+    for k in (min(shortlist, vocabulary), vocabulary):
+        values, index = (scaled if len(left) == len(scaled) else scaled[left]).topk(k, dim=-1)
+        probs = (values - log_z[left]).exp()
+        before = probs.cumsum(-1) - probs
+        if k < vocabulary:
+            covered = before[:, -1] + probs[:, -1] >= top_p * (1 - 1e-6)
+        else:
+            covered = torch.ones(len(left), dtype=torch.bool, device=scaled.device)
+        if covered.any():
+            weights = torch.where(before < top_p, probs, 0.0)[covered]
+            picked = torch.multinomial(weights, 1, generator=generator)
+            tokens[left[covered]] = index[covered].gather(1, picked)[:, 0]
+        left = left[~covered]
+        if not len(left):
+            break
+    return tokens
+
+
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A key/value cache layer that writes new tokens into spare capacity (doubling when full) and hands out
+        views, instead of concatenating the whole cache at every step: that copy was a quarter of a decoding step's
+        time at batch 128 (bench/speed.py)."""
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+                self._k = self._v = None
+                self._n = 0
+            n, new = self._n, key_states.shape[-2]
+            if self._k is None or n + new > self._k.shape[-2]:
+                batch, heads, _, dim = key_states.shape
+                capacity = max(64, 2 * (n + new))
+                k, v = key_states.new_empty(batch, heads, capacity, dim), value_states.new_empty(batch, heads,
+                                                                                                 capacity, dim)
+                if n:
+                    k[:, :, :n], v[:, :, :n] = self._k[:, :, :n], self._v[:, :, :n]
+                self._k, self._v = k, v
+            self._k[:, :, n : n + new], self._v[:, :, n : n + new] = key_states, value_states
+            self._n = n + new
+            self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices):
+            if self.is_initialized and self._n:
+                self._k, self._v = self._k[indices], self._v[indices]
+                self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+
+        def batch_repeat_interleave(self, repeats: int):
+            if self.is_initialized and self._n:
+                self._k, self._v = self._k.repeat_interleave(repeats, 0), self._v.repeat_interleave(repeats, 0)
+                self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+
+    return GrowingLayer
+
+
+class HFGenerator:
+    """transformers backend: the model's own forward pass and key/value cache, in this process, on CPU or GPU.
+
+    The decoding loop is srlm's rather than `model.generate`'s, for speed on small models (bench/speed.py): a batch
+    is prefilled once (identical prompts, such as a candidate's N samples, once for all; the text every prompt
+    starts with, such as the judge rubric, once per stage), the cache grows in place, rows that finished leave the
+    batch, and sampling avoids full-vocabulary sorts. Tokens, stop strings and end-of-sequence handling are those of
+    `generate` (the same samples are not: the random streams differ).
+    """
+
+    def __init__(self, model_path: Path | str, model_config, device: str, batch_size: int = 16, dtype: str | None = None):
+        from ..models import load_model, load_tokenizer
+
+        self.tokenizer = load_tokenizer(model_path, model_config)
+        self.tokenizer.padding_side = "left"
+        if dtype is not None:
+            model_config = model_config.model_copy(update={"dtype": dtype})
+        self.model = load_model(model_path, model_config, device).eval()
+        self.device = device
+        self.batch_size = batch_size
+        eos = self.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
+            eos.append(self.tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self._prefix_cache: tuple[list[int], list] | None = None
+        config = self.model.config
+        # Sliding-window or hybrid attention needs transformers' own cache layers, which know the window.
+        sliding = getattr(config, "sliding_window", None) or any(
+            t != "full_attention" for t in (getattr(config, "layer_types", None) or []))
+        self._layer_class = None if sliding else _growing_layer_class()
+        # transformers renamed forward's `past_key_values` to `cache` (5.2x); pass whichever this version takes.
+        import inspect
+
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+
+    def render(self, request: Request) -> str:
+        return render(self.tokenizer, request)
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        import torch
+
+        texts = [self.render(r) for r in requests]
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        results: list[Completion | None] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start : start + self.batch_size]
+            generator = None
+            if params.temperature > 0:
+                generator = torch.Generator(self.device).manual_seed(params.seed + start)
+            with torch.inference_mode():
+                rows = self._decode([texts[i] for i in idx], params, generator)
+            for i, (tokens, ended) in zip(idx, rows):
+                results[i] = self._completion(tokens, ended, params)
+        return results  # type: ignore[return-value]
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+        from transformers.cache_utils import Cache
+
+        if self._layer_class is None:
+            return DynamicCache(config=self.model.config)
+        return Cache(layer_class_to_replicate=self._layer_class)
+
+    def _prefill(self, texts: list[str], reuse_prefix: bool = True, tails: list[list[int]] | None = None):
+        """Encode a batch: (cache, logits of each row's last token, attention mask, next position per row).
+
+        Identical texts are encoded once and their cache rows copied; the text all of them start with is encoded
+        once per stage (kept in `_prefix_cache`) and shared. Pads sit between that prefix and each row's rest,
+        masked, with positions that skip them, so every row's last token is in the last column."""
+        import torch
+
+        unique = list(dict.fromkeys(texts))
+        where = [unique.index(t) for t in texts] if len(unique) < len(texts) else None
+        prefix, rows = self._split_prefix(unique) if reuse_prefix and len(unique) > 1 else ([], None)
+        if rows is None:
+            rows = [self.tokenizer(t, add_special_tokens=False).input_ids for t in unique]
+        if tails is not None:
+            first = {t: i for i, t in reversed(list(enumerate(texts)))}
+            rows = [r + tails[first[u]] for r, u in zip(rows, unique)]
+        cache = self._new_cache()
+        if prefix:
+            if self._prefix_cache is None or self._prefix_cache[0] != prefix:
+                encoded = self._new_cache()
+                self.model(torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1,
+                           **{self._cache_kw: encoded})
+                self._prefix_cache = (prefix, [(layer.keys.clone(), layer.values.clone()) for layer in encoded.layers])
+            for i, (k, v) in enumerate(self._prefix_cache[1]):
+                cache.update(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1), i)
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+        positions = len(prefix) + (mask.cumsum(-1) - 1).clamp(min=0)
+        mask = torch.cat([torch.ones(len(rows), len(prefix), dtype=mask.dtype, device=self.device), mask], dim=-1)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
+        following = positions[:, -1] + 1
+        if where is not None:
+            select = torch.tensor(where, device=self.device)
+            cache.batch_select_indices(select)
+            logits, mask, following = logits[select], mask[select], following[select]
+        return cache, logits, mask, following
+
+    def _decode(self, texts: list[str], params: SamplingParams, generator) -> list[tuple[list[int], bool]]:
+        """(new tokens without the end-of-sequence token, ended by EOS or a stop string) for each text."""
+        import torch
+
+        cache, logits, mask, position = self._prefill(texts)
+        tokens_of: list[list[int]] = [[] for _ in texts]
+        ended = [False] * len(texts)
+        active = list(range(len(texts)))  # batch row -> text
+        finished_rows: list[int] = []  # rows still in the batch whose text is done
+        eos = set(self.eos_ids)
+        window = max((len(s) for s in params.stop), default=0) + 2
+        for step in range(params.max_new_tokens):
+            picked = sample_tokens(logits, params.temperature, params.top_p, generator).tolist()
+            for row, (text, token) in enumerate(zip(active, picked)):
+                if row in finished_rows:
+                    continue
+                if token in eos:
+                    ended[text] = True
+                    finished_rows.append(row)
+                    continue
+                tokens_of[text].append(token)
+                if params.stop:
+                    tail = self.tokenizer.decode(tokens_of[text][-window:], skip_special_tokens=True)
+                    if any(s in tail for s in params.stop):
+                        ended[text] = True
+                        finished_rows.append(row)
+            if len(finished_rows) == len(active) or step == params.max_new_tokens - 1:
+                break
+            # Finished rows leave the batch once they are an eighth of it: each removal copies the cache.
+            if len(finished_rows) * 8 >= len(active):
+                keep = [r for r in range(len(active)) if r not in set(finished_rows)]
+                select = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(select)
+                mask, position = mask[select], position[select]
+                picked = [picked[r] for r in keep]
+                active = [active[r] for r in keep]
+                finished_rows = []
+            mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=self.device)], dim=-1)
+            logits = self.model(input_ids=torch.tensor(picked, device=self.device)[:, None], attention_mask=mask,
+                                position_ids=position[:, None], use_cache=True, logits_to_keep=1,
+                                **{self._cache_kw: cache}).logits[:, -1]
+            position = position + 1
+        return list(zip(tokens_of, ended))
+
+    def _completion(self, tokens: list[int], ended: bool, params: SamplingParams) -> Completion:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        for stop in params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, ended = text[:cut], True
+        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=not ended)
+
+    def choice_probs(self, requests: Sequence[Request], prefill: str | Sequence[str], choices: Sequence[str], *,
+                     reuse_prefix: bool = True) -> list[list[float]]:
+        """P(choice | request, prefill) for each choice: one forward pass per batch, no sampling.
+
+        `prefill` opens the assistant's turn (the judge's "Score:"). The choices may share leading tokens
+        (" 3" is " " + "3" for SmolLM2, one token for Llama 3); the shared tokens are appended to the prompt
+        and each choice must then be one token. With `reuse_prefix`, the text all requests begin with (the
+        judge rubric, most of a judge prompt) is encoded once and its key/value cache reused by every row.
+        """
+        import torch
+
+        prefills = [prefill] * len(requests) if isinstance(prefill, str) else list(prefill)
+        texts = [self.render(r) + p for r, p in zip(requests, prefills)]
+        if not texts:
+            return []
+        shared, choice_ids = choice_tokens(self.tokenizer, texts[0], choices)
+        out: list[list[float] | None] = [None] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                batch = [texts[i] for i in idx]
+                _, logits, _, _ = self._prefill(batch, reuse_prefix, tails=[shared] * len(batch))
+                probs = torch.softmax(logits.float(), dim=-1)[:, choice_ids]
+                for row, i in enumerate(idx):
+                    out[i] = probs[row].tolist()
+        return out  # type: ignore[return-value]
+
+    def _split_prefix(self, texts: list[str]) -> tuple[list[int], list[list[int]] | None]:
+        """The token ids of the text every request starts with, and of each request's rest; (no prefix, None)
+        when that does not pay. The cut is after a newline, and only where encoding the two parts apart gives
+        the same tokens as encoding the whole (byte-level BPE merges runs of whitespace across a cut)."""
+        import os.path
+
+        encode = lambda t: self.tokenizer(t, add_special_tokens=False).input_ids
+        whole = [encode(t) for t in texts]
+        common = os.path.commonprefix(texts)
+        cut = len(common)
+        for _ in range(8):
+            cut = common.rfind("\n", 0, cut)
+            if cut < 0:
+                break
+            prefix = encode(common[: cut + 1])
+            if len(prefix) < 16:
+                break
+            rows = [encode(t[cut + 1 :]) for t in texts]
+            if all(w == prefix + r for w, r in zip(whole, rows)):
+                return prefix, rows
+        return [], None

@@ -1,0 +1,161 @@
+"""Any OpenAI-compatible server as a backend: vLLM `serve`, llama.cpp `llama-server`, TGI, SGLang, OpenAI."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from ..errors import ModelError
+from . import Completion, Request, SamplingParams
+
+
+class OpenAIGenerator:
+    """Any OpenAI-compatible server: vLLM `serve`, llama.cpp `llama-server`, TGI, SGLang, OpenAI itself.
+
+    Chat requests go to `POST {base_url}/chat/completions` (the server applies the model's chat template),
+    raw text to `POST {base_url}/completions`. Up to `concurrency` requests are in flight at once; results
+    come back in request order. Connection errors, timeouts, 429 and 5xx are retried with exponential
+    backoff (a busy or restarting server heals); any other HTTP error (400 bad request, 401/403 bad key, 404
+    wrong URL or model) raises ModelError at once with the URL and the server's own message, since sending
+    the same request again cannot fix it. Standard library only.
+    """
+
+    def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
+                 concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 5, backoff_s: float = 1.0,
+                 max_backoff_s: float = 60.0):
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.api_key_env = api_key_env
+        # Absent key is fine: local servers (vLLM, llama.cpp) run without one by default.
+        self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        self.concurrency = concurrency
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+
+    def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        if not requests:
+            return []
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)))
+        try:
+            futures = [pool.submit(self._complete, r, params, i) for i, r in enumerate(requests)]
+            return [f.result() for f in futures]
+        finally:
+            # After a failure, requests not yet sent are dropped instead of queued against a broken server.
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _complete(self, request: Request, params: SamplingParams, index: int) -> Completion:
+        chat = not isinstance(request, str)
+        body: dict = {
+            "model": self.model,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "max_tokens": params.max_new_tokens,
+            # One seed per request, not per batch: a server seeds each request alone, so the N identical
+            # requests of a candidates batch would otherwise come back as N identical samples.
+            "seed": (params.seed * 1_000_003 + index) % 2**31,
+            "n": 1,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        if chat:
+            url, body["messages"] = f"{self.base_url}/chat/completions", list(request)
+        else:
+            url, body["prompt"] = f"{self.base_url}/completions", request
+        data = self._post(url, body)
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if chat else choice["text"]
+        except (KeyError, IndexError, TypeError):
+            field = "choices[0].message.content" if chat else "choices[0].text"
+            raise ModelError(f"{url}: unexpected response without {field}: {json.dumps(data)[:300]}")
+        text = text or ""
+        stopped = False
+        # Servers differ on stop strings (some keep the stop text, some ignore `stop` on /completions): cut here too.
+        for stop in params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text, stopped = text[:cut], True
+        usage = data.get("usage") or {}
+        n_tokens = usage.get("completion_tokens")
+        if not isinstance(n_tokens, int):
+            n_tokens = len(text.split())  # a server that reports no usage: words are the closest stand-in
+        truncated = choice.get("finish_reason") == "length" and not stopped
+        return Completion(text=text.strip(), n_tokens=n_tokens, truncated=truncated)
+
+    def _post(self, url: str, body: dict) -> dict:
+        payload = json.dumps(body).encode("utf-8")
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        last = ""
+        for attempt in range(self.max_retries + 1):
+            wait = 0.0
+            try:
+                request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+                with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                    raw = response.read()
+            except urllib.error.HTTPError as e:
+                message = _server_message(e)
+                if e.code not in (408, 429) and e.code < 500:
+                    raise ModelError(f"{url}: HTTP {e.code}{self._hint(e.code)}; the server said: {message}")
+                last = f"HTTP {e.code}: {message}"
+                wait = _retry_after(e)
+            except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+                last = self._describe(e)
+            else:
+                try:
+                    return json.loads(raw)
+                except ValueError:
+                    raise ModelError(f"{url}: the server's answer is not JSON: {raw[:300]!r}")
+            if attempt < self.max_retries:
+                time.sleep(min(self.max_backoff_s, max(wait, self.backoff_s * 2**attempt)))
+        raise ModelError(f"{url}: no answer after {self.max_retries + 1} attempt(s) "
+                         f"(generation.max_retries={self.max_retries}); last error: {last}")
+
+    def _hint(self, code: int) -> str:
+        if code in (401, 403):
+            where = f"${self.api_key_env}" if self.api_key_env else "the API key"
+            return f" (check the API key in {where}{'' if self.api_key else ', which is not set'})"
+        if code == 404:
+            return f" (check generation.base_url, which usually ends in /v1, and the model name {self.model!r})"
+        return ""
+
+    def _describe(self, error: Exception) -> str:
+        reason = getattr(error, "reason", error)
+        if isinstance(reason, TimeoutError) or isinstance(error, TimeoutError):
+            return f"timed out after {self.timeout_s:g} s (generation.timeout_s)"
+        return f"cannot reach the server ({reason})"
+
+
+def _server_message(error: urllib.error.HTTPError) -> str:
+    """The server's own explanation: OpenAI's {"error": {"message"}}, vLLM's {"message"}, FastAPI's {"detail"}."""
+    try:
+        raw = error.read().decode("utf-8", "replace")
+    except OSError:
+        return error.reason or "(no message)"
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return raw.strip()[:500] or str(error.reason)
+    if isinstance(data, dict):
+        found = data.get("error")
+        if isinstance(found, dict):
+            found = found.get("message")
+        found = found or data.get("message") or data.get("detail")
+        if found:
+            return str(found)[:500]
+    return raw.strip()[:500]
+
+
+def _retry_after(error: urllib.error.HTTPError) -> float:
+    try:
+        return float(error.headers.get("Retry-After", 0))
+    except (TypeError, ValueError):
+        return 0.0
