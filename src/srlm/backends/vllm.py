@@ -38,7 +38,7 @@ def _cpu_defaults() -> None:
 class VLLMGenerator:
     """`vllm.LLM.generate` behind srlm's generation interface (and `choice_probs` for judge.mode=expected)."""
 
-    def __init__(self, model_path: Path | str, model_config, device: str, *, seed: int = 0, dtype: str = "auto",
+    def __init__(self, model_path: Path | str, model_config, device: str, *, seed: int = 0, dtype: str | None = None,
                  engine_args: dict | None = None):
         from ..models import load_tokenizer
 
@@ -49,8 +49,13 @@ class VLLMGenerator:
         except ImportError as e:
             raise ModelError(f"{INSTALL_HINT} ({e})")
         self.tokenizer = load_tokenizer(model_path, model_config)
-        args = {"dtype": dtype, "seed": seed,
-                "trust_remote_code": model_config.trust_remote_code, **(engine_args or {})}
+        args = {"dtype": dtype or model_config.dtype, "seed": seed, "trust_remote_code": model_config.trust_remote_code}
+        if device == "cpu":
+            # A prompt prefilled in chunks has its sampled token discarded, and vLLM then rewinds the request's
+            # seeded generator with an offset that only CUDA generators have: on a CPU that kills the engine
+            # ("CPU Generator does not use offset") once a batch is large enough to be chunked (256 prompts here).
+            args["enable_chunked_prefill"] = False
+        args.update(engine_args or {})
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), **args)
         eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
@@ -74,7 +79,7 @@ class VLLMGenerator:
         sample = params.temperature > 0
         per_request = [
             VLLMParams(temperature=params.temperature, top_p=params.top_p if sample else 1.0, top_k=0,
-                       max_tokens=params.max_new_tokens, seed=None if os.environ.get("NOSEED_") else (params.seed * 1_000_003 + i) % 2**31,
+                       max_tokens=params.max_new_tokens, seed=(params.seed * 1_000_003 + i) % 2**31,
                        stop=list(params.stop) or None, stop_token_ids=self.eos_ids, skip_special_tokens=True)
             for i in range(len(requests))
         ]
