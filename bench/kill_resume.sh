@@ -3,8 +3,11 @@
 # an uninterrupted run of the same config (issue: "nothing lost").
 #   bench/kill_resume.sh RUN_DIR REFERENCE_RUN_DIR [srlm run options...]
 # Kill points: once a training checkpoint exists inside SFT, and once judgments are half written in iter 1.
+# The options default to --set generation.batch_size=16, so that iteration 1's 72 judgments are written in
+# several batches (with the default, auto, they are one); make the reference run with the same options.
 set -uo pipefail
 out=$1; ref=$2; shift 2
+[ $# -gt 0 ] || set -- --set generation.batch_size=16
 srlm=${SRLM:-srlm}
 rm -rf "$out"
 

@@ -99,8 +99,8 @@ class SFTConfig(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (PAPER.md §4: 0.1).")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence; longer ones are truncated.")
     bf16: bool | Literal["auto"] = Field(
-        "auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with bf16; on a "
-        "CPU only when set to true (bench/speed.py measures both).")
+        "auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with bf16 and on "
+        "CPUs with AMX or AVX-512 BF16 (1.2-1.3x there, bench/speed.py); fp32 elsewhere.")
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (resume point).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
 
@@ -173,8 +173,8 @@ class DPOConfig(Section):
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (PAPER.md §4.5: 200).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
     bf16: bool | Literal["auto"] = Field(
-        "auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with bf16; on a "
-        "CPU only when set to true (bench/speed.py measures both).")
+        "auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with bf16 and on "
+        "CPUs with AMX or AVX-512 BF16 (1.2-1.3x there, bench/speed.py); fp32 elsewhere.")
 
 
 class EvalConfig(Section):

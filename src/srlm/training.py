@@ -18,9 +18,11 @@ def training_arguments(section, *, work_dir: Path, device: str, seed: int) -> di
 
     micro = min(section.micro_batch_size, section.batch_size)
     accumulation = max(1, math.ceil(section.batch_size / micro))
+    from .models import cpu_has_native_bf16
+
     bf16 = section.bf16
     if bf16 == "auto":
-        bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16()
     return dict(
         output_dir=str(work_dir),
         per_device_train_batch_size=micro,
