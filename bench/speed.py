@@ -240,9 +240,14 @@ def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict]:
             print(f"  {name:<30} {len(candidates) / seconds:7.2f} candidates/s {len(judgments) / seconds:7.2f} "
                   f"judgments/s  ({len(judgments)} judgments, {failed} failed, {seconds:.0f} s, {mem.gib} GiB)",
                   flush=True)
+    baselines = {"sample": rows[0], **({"naive_sample": rows[1]} if naive else {})}
     for row in rows:
-        row["candidates_per_s_vs_sample"] = round(row["candidates_per_s"] / rows[0]["candidates_per_s"], 1)
-        row["judgments_per_s_vs_sample"] = round(row["judgments_per_s"] / rows[0]["judgments_per_s"], 1)
+        for key, base in baselines.items():
+            row[f"candidates_per_s_vs_{key}"] = round(row["candidates_per_s"] / base["candidates_per_s"], 1)
+            row[f"judgments_per_s_vs_{key}"] = round(row["judgments_per_s"] / base["judgments_per_s"], 1)
+        print(f"  {row['mode']:<30} " + "; ".join(
+            f"vs {key.replace('_', ' ')}: {row[f'candidates_per_s_vs_{key}']}x per candidate, "
+            f"{row[f'judgments_per_s_vs_{key}']}x per judgment" for key in baselines), flush=True)
     sampled, expected = scores[modes[0][0]], scores[modes[-1][0]]
     both = [c.id for c in candidates if c.id in sampled and c.id in expected]
     human = {f"{e.id}-c": e.score for e in examples}

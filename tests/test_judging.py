@@ -116,6 +116,37 @@ def test_prefix_reuse_gives_the_same_probabilities(tiny_generator):
         assert a == pytest.approx(b, abs=1e-5)
 
 
+def test_scoring_in_length_groups_gives_the_probabilities_of_one_batch(tiny_generator, monkeypatch):
+    from srlm.backends import hf
+    from srlm.judging import SCORE_CHOICES, judge_request
+
+    requests = [judge_request(PAPER_TEMPLATE, f"Question {i}?", "words " * (7 * i)) for i in range(6)]
+    monkeypatch.setattr(tiny_generator, "batch_size", 6)
+    one_batch = tiny_generator.choice_probs(requests, "Score:", SCORE_CHOICES)
+    monkeypatch.setattr(hf, "PREFILL_TOKENS", 60)  # a row or two per forward pass
+    grouped = tiny_generator.choice_probs(requests, "Score:", SCORE_CHOICES)
+    for a, b in zip(one_batch, grouped):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_length_groups_bound_rows_and_padded_tokens():
+    from srlm.backends.hf import length_groups
+
+    lengths = [50, 10, 12, 200, 11, 49]
+    groups = length_groups(lengths, max_rows=2, max_tokens=100)
+    assert sorted(i for g in groups for i in g) == list(range(6))
+    assert groups == [[1, 4], [2, 5], [0], [3]]  # shortest first; 200 alone, over the budget by itself
+    for g in groups:
+        assert len(g) <= 2 and (len(g) == 1 or len(g) * max(lengths[i] for i in g) <= 100)
+
+
+def test_a_shared_prefix_leaves_every_row_a_token(tiny_generator):
+    texts = ["Line one of a shared header, long enough to be worth caching for sure.\n" * 3,
+             "Line one of a shared header, long enough to be worth caching for sure.\n" * 3 + "and more"]
+    prefix, rows = tiny_generator._split_prefix(texts)
+    assert rows is None or all(rows)
+
+
 def test_expected_judging_writes_one_scored_judgment_per_candidate_and_resumes(tiny_generator, tmp_path):
     from srlm.judging import judge_expected
     from srlm.records import Candidate, Judgment, Prompt, read_jsonl
@@ -141,5 +172,5 @@ def test_expected_mode_needs_token_probabilities(tmp_path):
         def generate(self, requests, params):
             return []
 
-    with pytest.raises(ConfigError, match="only the hf backend"):
+    with pytest.raises(ConfigError, match="the hf and vllm backends"):
         judge_expected(TextOnly(), [], [], tmp_path / "j.jsonl")

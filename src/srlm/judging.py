@@ -211,7 +211,7 @@ def judge_expected(
     `judge`. Needs a backend with token probabilities (`choice_probs`: the hf backend).
     """
     if not hasattr(generator, "choice_probs"):
-        raise ConfigError("judge.mode=expected needs token probabilities, which only the hf backend gives; use "
+        raise ConfigError("judge.mode=expected needs token probabilities, which the hf and vllm backends give; use "
                           "judge.mode=sample with this backend")
     by_id = {p.id: p for p in prompts}
     log = RecordLog(out_path, Judgment)

@@ -114,6 +114,23 @@ def _growing_layer_class():
     return GrowingLayer
 
 
+# Rows prefilled in one forward pass, in tokens after the shared prefix (pads included). A scoring pass is all
+# prefill, whose throughput stops growing long before this; what a larger batch adds is padding up to its longest row.
+PREFILL_TOKENS = 4096
+
+
+def length_groups(lengths: Sequence[int], max_rows: int, max_tokens: int) -> list[list[int]]:
+    """Indices grouped shortest first, each group at most `max_rows` rows and `max_tokens` tokens once padded to its
+    longest row (a row longer than that is a group of its own)."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if groups and len(groups[-1]) < max_rows and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class HFGenerator:
     """transformers backend: the model's own forward pass and key/value cache, in this process, on CPU or GPU.
 
@@ -194,6 +211,17 @@ class HFGenerator:
         if tails is not None:
             first = {t: i for i, t in reversed(list(enumerate(texts)))}
             rows = [r + tails[first[u]] for r, u in zip(rows, unique)]
+        cache, logits, mask, following = self._encode(prefix, rows)
+        if where is not None:
+            select = torch.tensor(where, device=self.device)
+            cache.batch_select_indices(select)
+            logits, mask, following = logits[select], mask[select], following[select]
+        return cache, logits, mask, following
+
+    def _encode(self, prefix: list[int], rows: list[list[int]]):
+        """Prefill `prefix` + each row: (cache, last-token logits, attention mask, next position per row)."""
+        import torch
+
         cache = self._new_cache()
         if prefix:
             if self._prefix_cache is None or self._prefix_cache[0] != prefix:
@@ -211,12 +239,7 @@ class HFGenerator:
         mask = torch.cat([torch.ones(len(rows), len(prefix), dtype=mask.dtype, device=self.device), mask], dim=-1)
         logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                             logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
-        following = positions[:, -1] + 1
-        if where is not None:
-            select = torch.tensor(where, device=self.device)
-            cache.batch_select_indices(select)
-            logits, mask, following = logits[select], mask[select], following[select]
-        return cache, logits, mask, following
+        return cache, logits, mask, positions[:, -1] + 1
 
     def _decode(self, texts: list[str], params: SamplingParams, generator) -> list[tuple[list[int], bool]]:
         """(new tokens without the end-of-sequence token, ended by EOS or a stop string) for each text."""
@@ -286,13 +309,14 @@ class HFGenerator:
         if not texts:
             return []
         shared, choice_ids = choice_tokens(self.tokenizer, texts[0], choices)
+        prefix, rows = self._split_prefix(texts) if reuse_prefix and len(texts) > 1 else ([], None)
+        if rows is None:
+            rows = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        rows = [r + shared for r in rows]
         out: list[list[float] | None] = [None] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                batch = [texts[i] for i in idx]
-                _, logits, _, _ = self._prefill(batch, reuse_prefix, tails=[shared] * len(batch))
+            for idx in length_groups([len(r) for r in rows], self.batch_size, PREFILL_TOKENS):
+                _, logits, _, _ = self._encode(prefix, [rows[i] for i in idx])
                 probs = torch.softmax(logits.float(), dim=-1)[:, choice_ids]
                 for row, i in enumerate(idx):
                     out[i] = probs[row].tolist()
@@ -316,6 +340,7 @@ class HFGenerator:
             if len(prefix) < 16:
                 break
             rows = [encode(t[cut + 1 :]) for t in texts]
-            if all(w == prefix + r for w, r in zip(whole, rows)):
+            # Every row keeps a token of its own: its last token's logits are what a row is encoded for.
+            if all(rows) and all(w == prefix + r for w, r in zip(whole, rows)):
                 return prefix, rows
         return [], None
