@@ -43,6 +43,12 @@ class DataConfig(Section):
     eft_limit: int | None = Field(None, ge=1, description="Use at most this many EFT examples (None: all).")
 
 
+def _bf16_field():
+    # SFT and DPO train the same way: one setting, in each section.
+    return Field("auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with "
+                 "bf16 and on CPUs with AMX or AVX-512 BF16 (1.2-1.4x there, bench/speed.py); fp32 elsewhere.")
+
+
 class GenerationConfig(Section):
     backend: Literal["hf", "vllm", "openai"] = Field(
         "hf", description="Generation backend for every sampling stage: hf (transformers, in this process), vllm "
@@ -98,9 +104,7 @@ class SFTConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over IFT+EFT (paper: unknown).")
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (PAPER.md §4: 0.1).")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence; longer ones are truncated.")
-    bf16: bool | Literal["auto"] = Field(
-        "auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with bf16 and on "
-        "CPUs with AMX or AVX-512 BF16 (1.2-1.3x there, bench/speed.py); fp32 elsewhere.")
+    bf16: bool | Literal["auto"] = _bf16_field()
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (resume point).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
 
@@ -172,9 +176,7 @@ class DPOConfig(Section):
     max_length: int = Field(2048, ge=16, description="Tokens per prompt+response.")
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (PAPER.md §4.5: 200).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
-    bf16: bool | Literal["auto"] = Field(
-        "auto", description="bf16 mixed precision (fp32 master weights, bf16 autocast). auto: on GPUs with bf16 and on "
-        "CPUs with AMX or AVX-512 BF16 (1.2-1.3x there, bench/speed.py); fp32 elsewhere.")
+    bf16: bool | Literal["auto"] = _bf16_field()
 
 
 class EvalConfig(Section):

@@ -291,7 +291,8 @@ class Run:
                 result[key] = h2h.head_to_head(
                     instructions, h2h.Side(name, generator=lambda: make_generator(self.config, model)),
                     h2h.Side(other_name, generator=lambda other=other: make_generator(self.config, other)), judge,
-                    folder / ("h2h" if key == "h2h_vs_previous" else key), judge_name=judge_name, temperature=0.0, max_new_tokens=e.h2h_max_new_tokens,
+                    folder / ("h2h" if key == "h2h_vs_previous" else key), judge_name=judge_name, temperature=0.0,
+                    max_new_tokens=e.h2h_max_new_tokens,
                     judge_max_new_tokens=self.config.judge.max_new_tokens,
                     batch_size=self.config.generation.batch_size, seed=self.config.seed)
             atomic_write_text(folder / "eval.json", json.dumps(result, indent=2) + "\n")

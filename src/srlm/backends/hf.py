@@ -14,6 +14,23 @@ def render(tokenizer, request: Request) -> str:
     return tokenizer.apply_chat_template(request, tokenize=False, add_generation_prompt=True)
 
 
+def scoring_texts(tokenizer, requests: Sequence[Request], prefill: str | Sequence[str]) -> list[str]:
+    """Each request as the model sees it, followed by its `prefill` (one for all, or one per request): the texts
+    whose next token `choice_probs` scores."""
+    prefills = [prefill] * len(requests) if isinstance(prefill, str) else list(prefill)
+    return [render(tokenizer, r) + p for r, p in zip(requests, prefills)]
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """`text` cut before the first occurrence of each stop string in turn, and whether any was found."""
+    found = False
+    for s in stop:
+        cut = text.find(s)
+        if cut >= 0:
+            text, found = text[:cut], True
+    return text, found
+
+
 def choice_tokens(tokenizer, text: str, choices: Sequence[str]) -> tuple[list[int], list[int]]:
     """(tokens every choice starts with, the one distinct token of each choice) after `text`.
 
@@ -195,7 +212,7 @@ class HFGenerator:
             return DynamicCache(config=self.model.config)
         return Cache(layer_class_to_replicate=self._layer_class)
 
-    def _prefill(self, texts: list[str], reuse_prefix: bool = True, tails: list[list[int]] | None = None):
+    def _prefill(self, texts: list[str]):
         """Encode a batch: (cache, logits of each row's last token, attention mask, next position per row).
 
         Identical texts are encoded once and their cache rows copied; the text all of them start with is encoded
@@ -205,13 +222,7 @@ class HFGenerator:
 
         unique = list(dict.fromkeys(texts))
         where = [unique.index(t) for t in texts] if len(unique) < len(texts) else None
-        prefix, rows = self._split_prefix(unique) if reuse_prefix and len(unique) > 1 else ([], None)
-        if rows is None:
-            rows = [self.tokenizer(t, add_special_tokens=False).input_ids for t in unique]
-        if tails is not None:
-            first = {t: i for i, t in reversed(list(enumerate(texts)))}
-            rows = [r + tails[first[u]] for r, u in zip(rows, unique)]
-        cache, logits, mask, following = self._encode(prefix, rows)
+        cache, logits, mask, following = self._encode(*self._tokenize(unique))
         if where is not None:
             select = torch.tensor(where, device=self.device)
             cache.batch_select_indices(select)
@@ -249,7 +260,7 @@ class HFGenerator:
         tokens_of: list[list[int]] = [[] for _ in texts]
         ended = [False] * len(texts)
         active = list(range(len(texts)))  # batch row -> text
-        finished_rows: list[int] = []  # rows still in the batch whose text is done
+        finished_rows: set[int] = set()  # rows still in the batch whose text is done
         eos = set(self.eos_ids)
         window = max((len(s) for s in params.stop), default=0) + 2
         for step in range(params.max_new_tokens):
@@ -259,25 +270,25 @@ class HFGenerator:
                     continue
                 if token in eos:
                     ended[text] = True
-                    finished_rows.append(row)
+                    finished_rows.add(row)
                     continue
                 tokens_of[text].append(token)
                 if params.stop:
                     tail = self.tokenizer.decode(tokens_of[text][-window:], skip_special_tokens=True)
                     if any(s in tail for s in params.stop):
                         ended[text] = True
-                        finished_rows.append(row)
+                        finished_rows.add(row)
             if len(finished_rows) == len(active) or step == params.max_new_tokens - 1:
                 break
             # Finished rows leave the batch once they are an eighth of it: each removal copies the cache.
             if len(finished_rows) * 8 >= len(active):
-                keep = [r for r in range(len(active)) if r not in set(finished_rows)]
+                keep = [r for r in range(len(active)) if r not in finished_rows]
                 select = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(select)
                 mask, position = mask[select], position[select]
                 picked = [picked[r] for r in keep]
                 active = [active[r] for r in keep]
-                finished_rows = []
+                finished_rows = set()
             mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=self.device)], dim=-1)
             logits = self.model(input_ids=torch.tensor(picked, device=self.device)[:, None], attention_mask=mask,
                                 position_ids=position[:, None], use_cache=True, logits_to_keep=1,
@@ -286,12 +297,8 @@ class HFGenerator:
         return list(zip(tokens_of, ended))
 
     def _completion(self, tokens: list[int], ended: bool, params: SamplingParams) -> Completion:
-        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-        for stop in params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text, ended = text[:cut], True
-        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=not ended)
+        text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
+        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=not (ended or stopped))
 
     def choice_probs(self, requests: Sequence[Request], prefill: str | Sequence[str], choices: Sequence[str], *,
                      reuse_prefix: bool = True) -> list[list[float]]:
@@ -304,14 +311,11 @@ class HFGenerator:
         """
         import torch
 
-        prefills = [prefill] * len(requests) if isinstance(prefill, str) else list(prefill)
-        texts = [self.render(r) + p for r, p in zip(requests, prefills)]
+        texts = scoring_texts(self.tokenizer, requests, prefill)
         if not texts:
             return []
         shared, choice_ids = choice_tokens(self.tokenizer, texts[0], choices)
-        prefix, rows = self._split_prefix(texts) if reuse_prefix and len(texts) > 1 else ([], None)
-        if rows is None:
-            rows = [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        prefix, rows = self._tokenize(texts, reuse_prefix)
         rows = [r + shared for r in rows]
         out: list[list[float] | None] = [None] * len(texts)
         with torch.inference_mode():
@@ -322,9 +326,16 @@ class HFGenerator:
                     out[i] = probs[row].tolist()
         return out  # type: ignore[return-value]
 
-    def _split_prefix(self, texts: list[str]) -> tuple[list[int], list[list[int]] | None]:
-        """The token ids of the text every request starts with, and of each request's rest; (no prefix, None)
-        when that does not pay. The cut is after a newline, and only where encoding the two parts apart gives
+    def _tokenize(self, texts: list[str], reuse_prefix: bool = True) -> tuple[list[int], list[list[int]]]:
+        """(token ids of a prefix every text shares, each text's rest): the prefix is empty unless `reuse_prefix`,
+        several texts, and `_split_prefix` finds one that pays."""
+        if reuse_prefix and len(texts) > 1:
+            return self._split_prefix(texts)
+        return [], [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+
+    def _split_prefix(self, texts: list[str]) -> tuple[list[int], list[list[int]]]:
+        """The token ids of the text every request starts with, and of each request's rest; (no prefix, each
+        whole text) when that does not pay. The cut is after a newline, and only where encoding the two parts apart gives
         the same tokens as encoding the whole (byte-level BPE merges runs of whitespace across a cut)."""
         import os.path
 
@@ -343,4 +354,4 @@ class HFGenerator:
             # Every row keeps a token of its own: its last token's logits are what a row is encoded for.
             if all(rows) and all(w == prefix + r for w, r in zip(whole, rows)):
                 return prefix, rows
-        return [], None
+        return [], whole

