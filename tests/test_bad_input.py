@@ -79,6 +79,8 @@ CASES = [
     ("unknown section", lambda t: ["config", "--set", "judgee.k=3"], 3, ["judgee: unknown key"]),
     ("number out of range", lambda t: ["run", "--set", "judge.k=0", "--out", str(t / "run")], 3,
      ["judge.k", "greater than or equal to 1"]),
+    ("unknown attention implementation", lambda t: ["run", "--set", "model.attention=fast", "--out",
+                                                    str(t / "run")], 3, ["model.attention='fast'", "sdpa"]),
     ("probability out of range", lambda t: ["config", "--set", "candidates.top_p=1.5"], 3,
      ["candidates.top_p", "less than or equal to 1"]),
     ("negative temperature", lambda t: ["config", "--set", "candidates.temperature=-1"], 3,

@@ -122,8 +122,9 @@ def test_scoring_in_length_groups_gives_the_probabilities_of_one_batch(tiny_gene
 
     requests = [judge_request(PAPER_TEMPLATE, f"Question {i}?", "words " * (7 * i)) for i in range(6)]
     monkeypatch.setattr(tiny_generator, "batch_size", 6)
+    monkeypatch.setattr(hf, "PREFILL_TOKENS", {"cpu": 10**6})
     one_batch = tiny_generator.choice_probs(requests, "Score:", SCORE_CHOICES)
-    monkeypatch.setattr(hf, "PREFILL_TOKENS", 60)  # a row or two per forward pass
+    monkeypatch.setattr(hf, "PREFILL_TOKENS", {"cpu": 60})  # a row or two per forward pass
     grouped = tiny_generator.choice_probs(requests, "Score:", SCORE_CHOICES)
     for a, b in zip(one_batch, grouped):
         assert a == pytest.approx(b, abs=1e-5)

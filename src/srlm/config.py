@@ -23,6 +23,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+ATTENTION_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(
         EMBEDDED_MODEL,
@@ -32,8 +35,19 @@ class ModelConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights and compute dtype; auto = bf16 on GPUs that support it, fp32 on CPU."
     )
+    attention: str = Field(
+        "auto", description="transformers' attn_implementation: sdpa, eager, flash_attention_2 (needs the flash-attn "
+        "package and a GPU), ... auto: transformers' default (sdpa).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model (off: safe default).")
     allow_online: bool = Field(False, description="Allow downloads from the Hugging Face hub (off: offline by default).")
+
+    @model_validator(mode="after")
+    def _attention(self) -> ModelConfig:
+        # Checked here rather than when a stage loads the model, minutes into a run. A "/" names a hub kernel.
+        if self.attention not in ATTENTION_IMPLEMENTATIONS and "/" not in self.attention:
+            raise ValueError(f"model.attention={self.attention!r}: expected one of "
+                             f"{', '.join(ATTENTION_IMPLEMENTATIONS)} (or a hub kernel, org/name)")
+        return self
 
 
 class DataConfig(Section):
@@ -107,6 +121,10 @@ class SFTConfig(Section):
     bf16: bool | Literal["auto"] = _bf16_field()
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (resume point).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
+    padding_free: bool | Literal["auto"] = Field(
+        "auto", description="Train on each micro-batch as one sequence without pads (TRL's padding_free). auto: on "
+        "with flash attention (model.attention=flash_attention_*), whose variable-length kernels make it free; off "
+        "with sdpa, where the block-diagonal mask attends over the whole packed length.")
 
 
 class PromptsConfig(Section):

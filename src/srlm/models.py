@@ -223,6 +223,8 @@ def load_model(path: Path | str, model: ModelConfig, device: str, *, dropout: fl
 
     kwargs = dict(trust_remote_code=model.trust_remote_code, local_files_only=not model.allow_online)
     config = AutoConfig.from_pretrained(path, **kwargs)
+    if model.attention != "auto":
+        kwargs["attn_implementation"] = model.attention
     if dropout is not None:
         for key in DROPOUT_KEYS:
             if hasattr(config, key):
@@ -233,4 +235,8 @@ def load_model(path: Path | str, model: ModelConfig, device: str, *, dropout: fl
         )
     except OSError as e:
         raise ModelError(f"{path}: cannot load model weights as safetensors: {e}")
+    except (ImportError, ValueError) as e:
+        if model.attention != "auto":
+            raise ModelError(f"{path}: model.attention={model.attention!r} cannot be used here: {e}")
+        raise
     return lm.to(device)

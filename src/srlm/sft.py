@@ -66,10 +66,14 @@ def train_sft(
     tokenizer = load_tokenizer(model_path, config.model)
     rows = drop_overlong(rows, tokenizer, config.sft.max_length)
     model = load_model(model_path, config.model, device, dropout=config.sft.dropout)
-    args = SFTConfig(
-        **training_arguments(config.sft, work_dir=work_dir, device=device, seed=config.seed),
-        completion_only_loss=True,
-    )
+    padding_free = config.sft.padding_free
+    if padding_free == "auto":
+        padding_free = model.config._attn_implementation.startswith("flash_attention")
+    arguments = training_arguments(config.sft, work_dir=work_dir, device=device, seed=config.seed)
+    if padding_free:
+        # TRL refuses padding_free with a max_length it cannot enforce; drop_overlong has enforced it already.
+        arguments["max_length"] = None
+    args = SFTConfig(**arguments, completion_only_loss=True, padding_free=padding_free)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     return finish(trainer, tokenizer, out_dir, work_dir)

@@ -1,0 +1,66 @@
+"""SFT (srlm.sft): what train_sft hands TRL, checked on the tiny model."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import FIXTURES
+from srlm import testing
+from srlm.config import load_config
+from srlm.records import IFTExample
+from srlm.sft import train_sft
+
+
+def _train_once(tiny_model, tmp_path, padding_free: bool) -> None:
+    """One optimizer step on two examples of different lengths, in one micro-batch, without dropout."""
+    ift = [IFTExample(id="a", prompt="Name a colour.", response="Blue."),
+           IFTExample(id="b", prompt="Say something longer about the sea, please.",
+                      response="The sea is wide and deep, and it covers most of the planet we live on.")]
+    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
+                                       FIXTURES / "short_judge_template.txt")
+    config = load_config(overrides=overrides + ["sft.epochs=1", "sft.batch_size=2", "sft.micro_batch_size=2",
+                                                "sft.dropout=0", "sft.bf16=false", "sft.save_steps=100",
+                                                f"sft.padding_free={str(padding_free).lower()}"])
+    out = tmp_path / ("M1-packed" if padding_free else "M1-padded")
+    train_sft(tiny_model, ift, [], out, config)
+    assert (out / "model.safetensors").exists()
+
+
+def test_padding_free_sft_trains_on_the_same_loss_as_padded(tiny_model, tmp_path, monkeypatch):
+    # With sdpa, padding-free batches rely on transformers finding the sequence boundaries in position_ids and
+    # masking across them; were it to miss them, the short example would attend to the long one and the loss differ.
+    losses = {}
+    from trl import SFTTrainer
+
+    original = SFTTrainer.compute_loss
+
+    def record(self, model, inputs, *args, **kwargs):
+        loss = original(self, model, inputs, *args, **kwargs)
+        value = loss[0] if isinstance(loss, tuple) else loss
+        losses.setdefault(self.args.padding_free, []).append(float(value.detach()))
+        assert ("attention_mask" in inputs) != self.args.padding_free  # padded batches carry a mask, packed ones not
+        return loss
+
+    monkeypatch.setattr(SFTTrainer, "compute_loss", record)
+    _train_once(tiny_model, tmp_path, padding_free=False)
+    _train_once(tiny_model, tmp_path, padding_free=True)
+    assert len(losses[False]) == len(losses[True]) == 1
+    assert losses[True][0] == pytest.approx(losses[False][0], rel=1e-4)
+
+
+def test_padding_free_is_off_with_sdpa_by_default(tiny_model, tmp_path, monkeypatch):
+    seen = {}
+    from trl import SFTTrainer
+
+    original = SFTTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen["padding_free"] = kwargs["args"].padding_free
+        seen["max_length"] = kwargs["args"].max_length
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "__init__", spy)
+    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
+                                       FIXTURES / "short_judge_template.txt")
+    config = load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100"])
+    train_sft(tiny_model, [IFTExample(id="a", prompt="Name a colour.", response="Blue.")], [], tmp_path / "M1", config)
+    assert seen == {"padding_free": False, "max_length": config.sft.max_length}
