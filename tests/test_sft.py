@@ -1,6 +1,8 @@
 """SFT (srlm.sft): what train_sft hands TRL, checked on the tiny model."""
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from conftest import FIXTURES
@@ -64,3 +66,35 @@ def test_padding_free_is_off_with_sdpa_by_default(tiny_model, tmp_path, monkeypa
     config = load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100"])
     train_sft(tiny_model, [IFTExample(id="a", prompt="Name a colour.", response="Blue.")], [], tmp_path / "M1", config)
     assert seen == {"padding_free": False, "max_length": config.sft.max_length}
+
+
+def test_model_attention_is_what_training_loads(tiny_model, tmp_path, monkeypatch):
+    seen = {}
+    from trl import SFTTrainer
+
+    original = SFTTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen["attention"] = kwargs["model"].config._attn_implementation
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "__init__", spy)
+    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
+                                       FIXTURES / "short_judge_template.txt")
+    config = load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100", "model.attention=eager"])
+    train_sft(tiny_model, [IFTExample(id="a", prompt="Name a colour.", response="Blue.")], [], tmp_path / "M1", config)
+    assert seen == {"attention": "eager"}
+
+
+def test_an_attention_this_machine_lacks_is_a_model_error(tiny_model, tmp_path, capsys):
+    from srlm.cli import main
+
+    # flash-attn is a CUDA package; on a machine without it transformers refuses flash_attention_2 when loading.
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    code = main(["sft", "--model", str(tiny_model), "--out", str(tmp_path / "M1"),
+                 "--set", "model.attention=flash_attention_2", "--set", "device=cpu"])
+    err = capsys.readouterr().err
+    assert code == 6, err
+    assert "model.attention='flash_attention_2' cannot be used here" in err and "Traceback" not in err
+    assert not (tmp_path / "M1").exists()
