@@ -275,26 +275,28 @@ def test_make_generator_builds_the_openai_backend(monkeypatch):
 
 @pytest.mark.parametrize("growing_cache", [True, False])  # False: transformers' own cache (sliding-window models)
 @pytest.mark.parametrize("stop", [(), ("ec", "hath", "yy", "3 3", "na ba")])
-def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, stop, growing_cache):
+@pytest.mark.parametrize("rubric_lines,new_tokens", [(1, 12), (6, 90)])
+def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, stop, growing_cache, rubric_lines, new_tokens):
     """Prefix sharing, duplicate prompts, rows leaving the batch (the stop strings end rows at different steps)
     and the growing cache change no token of greedy decoding. Stop strings are matched against the output alone, as
     OpenAI's API does (generate's stop_strings also match across the end of the prompt), so they are applied here
-    to generate's plain greedy tokens."""
+    to generate's plain greedy tokens. The long case trims the cache's spare room when rows leave and grows it again
+    afterwards."""
     import torch
 
     gen = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model)), "cpu", batch_size=8)
     if not growing_cache:
         gen._layer_class = None
-    rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n"
+    rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n" * rubric_lines
     shared = [rubric + q for q in ("Q: 1 2 3", "Q: apple banana", "Q: judge the", "Q: 1 2 3", "Q: capital of France",
                                    "Q: what")]
-    params = SamplingParams(temperature=0.0, max_new_tokens=12, stop=stop)
+    params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens, stop=stop)
     for texts in (shared, ["Hello", "x y", "apple banana"]):
         ours = gen.generate(texts, params)
         for text, completion in zip(texts, ours):
             enc = gen.tokenizer([text], return_tensors="pt", add_special_tokens=False)
             with torch.inference_mode():
-                out = gen.model.generate(**enc, do_sample=False, max_new_tokens=12, eos_token_id=gen.eos_ids,
+                out = gen.model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, eos_token_id=gen.eos_ids,
                                          pad_token_id=gen.tokenizer.pad_token_id)
             new = out[0, enc.input_ids.shape[1]:].tolist()
             new = new[: next((i for i, t in enumerate(new) if t in gen.eos_ids), len(new))]

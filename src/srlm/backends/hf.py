@@ -120,7 +120,10 @@ def _growing_layer_class():
 
         def batch_select_indices(self, indices):
             if self.is_initialized and self._n:
-                self._k, self._v = self._k[indices], self._v[indices]
+                # Copy the filled part and a little room, not the spare capacity (up to as much again).
+                keep = min(self._k.shape[-2], self._n + max(64, self._n // 8))
+                self._k = self._k[:, :, :keep].index_select(0, indices)
+                self._v = self._v[:, :, :keep].index_select(0, indices)
                 self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
 
         def batch_repeat_interleave(self, repeats: int):
