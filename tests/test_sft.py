@@ -11,17 +11,36 @@ from srlm.config import load_config
 from srlm.records import IFTExample
 from srlm.sft import train_sft
 
+ONE_EXAMPLE = [IFTExample(id="a", prompt="Name a colour.", response="Blue.")]
+
+
+def _config(tiny_model, *extra: str):
+    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
+                                       FIXTURES / "short_judge_template.txt")
+    return load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100", *extra])
+
+
+def _spy_on_trainer(monkeypatch, look) -> dict:
+    """What `look(kwargs)` returns for the keyword arguments train_sft builds SFTTrainer with."""
+    from trl import SFTTrainer
+
+    seen: dict = {}
+    original = SFTTrainer.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.update(look(kwargs))
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SFTTrainer, "__init__", spy)
+    return seen
+
 
 def _train_once(tiny_model, tmp_path, padding_free: bool) -> None:
     """One optimizer step on two examples of different lengths, in one micro-batch, without dropout."""
-    ift = [IFTExample(id="a", prompt="Name a colour.", response="Blue."),
-           IFTExample(id="b", prompt="Say something longer about the sea, please.",
-                      response="The sea is wide and deep, and it covers most of the planet we live on.")]
-    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
-                                       FIXTURES / "short_judge_template.txt")
-    config = load_config(overrides=overrides + ["sft.epochs=1", "sft.batch_size=2", "sft.micro_batch_size=2",
-                                                "sft.dropout=0", "sft.bf16=false", "sft.save_steps=100",
-                                                f"sft.padding_free={str(padding_free).lower()}"])
+    ift = ONE_EXAMPLE + [IFTExample(id="b", prompt="Say something longer about the sea, please.",
+                                     response="The sea is wide and deep, and it covers most of the planet we live on.")]
+    config = _config(tiny_model, "sft.batch_size=2", "sft.micro_batch_size=2", "sft.dropout=0", "sft.bf16=false",
+                     f"sft.padding_free={str(padding_free).lower()}")
     out = tmp_path / ("M1-packed" if padding_free else "M1-padded")
     train_sft(tiny_model, ift, [], out, config)
     assert (out / "model.safetensors").exists()
@@ -50,39 +69,16 @@ def test_padding_free_sft_trains_on_the_same_loss_as_padded(tiny_model, tmp_path
 
 
 def test_padding_free_is_off_with_sdpa_by_default(tiny_model, tmp_path, monkeypatch):
-    seen = {}
-    from trl import SFTTrainer
-
-    original = SFTTrainer.__init__
-
-    def spy(self, *args, **kwargs):
-        seen["padding_free"] = kwargs["args"].padding_free
-        seen["max_length"] = kwargs["args"].max_length
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SFTTrainer, "__init__", spy)
-    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
-                                       FIXTURES / "short_judge_template.txt")
-    config = load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100"])
-    train_sft(tiny_model, [IFTExample(id="a", prompt="Name a colour.", response="Blue.")], [], tmp_path / "M1", config)
+    seen = _spy_on_trainer(monkeypatch, lambda kw: {"padding_free": kw["args"].padding_free,
+                                                    "max_length": kw["args"].max_length})
+    config = _config(tiny_model)
+    train_sft(tiny_model, ONE_EXAMPLE, [], tmp_path / "M1", config)
     assert seen == {"padding_free": False, "max_length": config.sft.max_length}
 
 
 def test_model_attention_is_what_training_loads(tiny_model, tmp_path, monkeypatch):
-    seen = {}
-    from trl import SFTTrainer
-
-    original = SFTTrainer.__init__
-
-    def spy(self, *args, **kwargs):
-        seen["attention"] = kwargs["model"].config._attn_implementation
-        original(self, *args, **kwargs)
-
-    monkeypatch.setattr(SFTTrainer, "__init__", spy)
-    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
-                                       FIXTURES / "short_judge_template.txt")
-    config = load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100", "model.attention=eager"])
-    train_sft(tiny_model, [IFTExample(id="a", prompt="Name a colour.", response="Blue.")], [], tmp_path / "M1", config)
+    seen = _spy_on_trainer(monkeypatch, lambda kw: {"attention": kw["model"].config._attn_implementation})
+    train_sft(tiny_model, ONE_EXAMPLE, [], tmp_path / "M1", _config(tiny_model, "model.attention=eager"))
     assert seen == {"attention": "eager"}
 
 
