@@ -6,7 +6,7 @@ TORCH  ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.srlm-installed
 
-.PHONY: setup run test test-vllm bench clean
+.PHONY: setup run test test-vllm bench device-files clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,5 +45,22 @@ test-vllm: $(VLLM_STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/speed.py $(ARGS)
 
+# What bench/device_check.sh needs on a lent GPU machine, which has PyTorch, transformers' dependencies and accelerate
+# but no network: wheels of the rest, at this venv's versions, for its Python 3.12, and the embedded model's config
+# and tokenizer (its weights are too large to travel; the bench gives that shape random weights).
+DEVICE_PACKAGES := transformers trl datasets dill multiprocess pydantic pydantic-core annotated-types \
+                   typing-inspection gguf
+MODEL_FILES     := config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja
+
+device-files: $(STAMP)
+	rm -rf .device && mkdir -p .device/whl .device/model
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .device/whl \
+	    $$($(BIN)/python -c 'import sys, importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' \
+	       $(DEVICE_PACKAGES))
+	cd "$$($(BIN)/python -c 'from srlm import models; from srlm.config import ModelConfig; \
+	    print(models.resolve(ModelConfig()))')" && cp $(MODEL_FILES) $(CURDIR)/.device/model/
+	du -sh .device
+
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) .device runs

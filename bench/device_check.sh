@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU checks of issue 5, as one call of a lent GPU machine (which has PyTorch, transformers and accelerate, but
+# no network and none of srlm's other dependencies). Prepare here, where pip works:
+#
+#     make device-files          # .device/: the wheels that machine lacks, the embedded model's config and tokenizer
+#
+# then run there, from the repository root, with .device carried:
+#
+#     bash bench/device_check.sh        # figures and logs go to $OUT (default: /tmp/srlm-device)
+#
+# DEVICE (default cuda) and BENCH_ARGS (extra bench/speed.py arguments) change what runs, and PYTHON which interpreter:
+# `DEVICE=cpu PYTHON=.venv/bin/python BENCH_ARGS="--prompts 8 --new-tokens 8 ..." bash bench/device_check.sh` tries
+# the script here.
+#
+# It runs the backend contract tests on the GPU (SRLM_TEST_DEVICE=cuda) and bench/speed.py on a model with the
+# embedded model's shapes and random weights (its weights do not fit in what travels; speed depends on the shapes
+# and the token counts alone, and random weights never stop early: every sequence runs to its token limit). Each
+# part runs even if one before it failed; the exit status says whether all passed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/srlm-device}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+DEVICE=${DEVICE:-cuda}
+
+# The wheels go in only where srlm's dependencies are missing (there, not in a venv made by `make setup`).
+if ! "$PY" -c "import trl, pydantic, datasets" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/srlm-site \
+        .device/whl/*.whl || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/srlm-site"
+fi
+failed=()
+part() {  # part NAME COMMAND...: run one check, log it to $OUT/NAME.log, remember a failure
+    local name=$1; shift
+    echo "== $name: $*"
+    "$@" 2>&1 | tee "$OUT/$name.log"
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
+}
+
+part machine sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; \
+    $PY -c 'import torch, transformers, trl; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__)'"
+part tests env SRLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider tests/test_backends.py
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
+part bench "$PY" bench/speed.py --device "$DEVICE" --model .device/model --random-weights --no-naive-judge \
+    --out "$OUT/speed-$DEVICE.json" ${BENCH_ARGS:-}
+
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "failed: ${failed[*]}"
+    exit 1
+fi
+echo "all device checks passed; figures in $OUT/speed-$DEVICE.json"
