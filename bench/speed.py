@@ -50,8 +50,8 @@ class PeakRSS:
 
     def __enter__(self):
         self.peak, self.gpu_peak, self._stop = 0, None, threading.Event()
-        if _cuda():
-            _cuda().cuda.reset_peak_memory_stats()
+        if torch := _cuda():
+            torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
         return self
@@ -67,8 +67,8 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        if _cuda():
-            self.gpu_peak = _cuda().cuda.max_memory_allocated()
+        if torch := _cuda():
+            self.gpu_peak = torch.cuda.max_memory_allocated()
 
     @property
     def gib(self) -> float:
@@ -81,7 +81,7 @@ class PeakRSS:
         return {"peak_rss_gib": self.gib, **gpu}
 
     def __str__(self) -> str:
-        return f"{self.gib} GiB" + ("" if self.gpu_peak is None else f", GPU {self.gpu_peak / 2**30:.2f} GiB")
+        return ", GPU ".join(f"{v} GiB" for v in self.figures.values())
 
 
 def requests_for(n: int) -> list[list[dict]]:
@@ -364,7 +364,7 @@ def dpo(model_path, n_pairs: int, device: str) -> list[dict]:
     return rows
 
 
-# The keys of each section of the results file, and of the model that section measured.
+# The keys of each section of the results file.
 SECTIONS = {"generation": ("generation", "generation_workload"),
             "judging": ("judging", "judge_mode_agreement", "judging_roofline"),
             "dpo": ("dpo",)}
@@ -403,14 +403,13 @@ def random_weights(model_path: Path | str, out_dir: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    config = AutoConfig.from_pretrained(model_path)
+    from srlm.models import save_checkpoint
+
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(out_dir)
-    AutoTokenizer.from_pretrained(model_path).save_pretrained(out_dir)
-    if (Path(model_path) / "generation_config.json").exists():
-        GenerationConfig.from_pretrained(model_path).save_pretrained(out_dir)
-    return out_dir
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path), dtype=torch.float32)
+    if (Path(model_path) / "generation_config.json").exists():  # its end-of-sequence ids
+        model.generation_config = GenerationConfig.from_pretrained(model_path)
+    return save_checkpoint(model, AutoTokenizer.from_pretrained(model_path), out_dir)
 
 
 def main() -> None:
@@ -441,6 +440,7 @@ def main() -> None:
 
     from srlm import models
     from srlm.config import ModelConfig
+    from srlm.records import atomic_write_text
 
     kind = torch.device(args.device).type
     out = args.out or HERE / "results" / ("speed.json" if kind == "cpu" else f"speed-{kind}.json")
@@ -473,9 +473,7 @@ def main() -> None:
             measured["dpo"] = facts(args.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = merge(out, result, measured)
-    tmp_out = out.with_name(out.name + ".partial")
-    tmp_out.write_text(json.dumps(merged, indent=2) + "\n")
-    tmp_out.replace(out)
+    atomic_write_text(out, json.dumps(merged, indent=2) + "\n")
     print(f"-> {out}")
 
 
