@@ -370,13 +370,26 @@ SECTIONS = {"generation": ("generation", "generation_workload"),
             "dpo": ("dpo",)}
 
 
+def cpu_model() -> str:
+    """The CPU's name and its bf16 matrix instructions (AMX, AVX-512 BF16): hosts of one machine type differ, and
+    bf16 figures with them (an AMX core multiplies bf16 matrices several times faster than an AVX-512 one)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    isa = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+    return f"{name} ({', '.join(isa) or 'no bf16 instructions'})"
+
+
 def machine(device: str) -> dict:
     import torch
 
     from srlm import models
 
-    facts = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "native_bf16": models.cpu_has_native_bf16(),
-             "device": device, "torch": torch.__version__}
+    facts = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+             "native_bf16": models.cpu_has_native_bf16(), "device": device, "torch": torch.__version__}
     if torch.device(device).type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
     return facts
