@@ -371,16 +371,16 @@ SECTIONS = {"generation": ("generation", "generation_workload"),
 
 
 def cpu_model() -> str:
-    """The CPU's name and its bf16 matrix instructions (AMX, AVX-512 BF16): hosts of one machine type differ, and
-    bf16 figures with them (an AMX core multiplies bf16 matrices several times faster than an AVX-512 one)."""
+    """The CPU's name and its bf16 matrix instructions: hosts of one machine type differ, and bf16 figures with them."""
+    from srlm.models import cpu_bf16_instructions
+
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return platform.processor() or "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    isa = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
-    return f"{name} ({', '.join(isa) or 'no bf16 instructions'})"
+        info = ""
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.processor() or "unknown")
+    return f"{name} ({', '.join(cpu_bf16_instructions()) or 'no bf16 instructions'})"
 
 
 def machine(device: str) -> dict:

@@ -146,14 +146,19 @@ def pick_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
-def cpu_has_native_bf16() -> bool:
-    """AMX or AVX-512 BF16 (Intel Sapphire Rapids and later, AMD Zen 4 and later): bf16 matrix products at several
-    times the fp32 rate. Elsewhere bf16 on a CPU is emulated and slower than fp32."""
+def cpu_bf16_instructions() -> list[str]:
+    """Which of AMX and AVX-512 BF16 this CPU has (Intel Sapphire Rapids and later, AMD Zen 4 and later): bf16 matrix
+    products at several times the fp32 rate, AMX's several times AVX-512's. Without either, bf16 on a CPU is emulated
+    and slower than fp32."""
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+        return []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
+def cpu_has_native_bf16() -> bool:
+    return bool(cpu_bf16_instructions())
 
 
 def generation_dtype(setting: str, model: ModelConfig, device: str) -> str:
