@@ -7,11 +7,12 @@ In one run, on the same inputs:
 - judging: candidates/s and judgments/s of judge.mode=sample (k=3, the paper's; srlm's hf backend, and the naive
   baseline) and judge.mode=expected on the same candidates, how well the two agree (Spearman over candidates), and
   the ceiling of expected mode on this machine (its FLOPs per candidate at the measured matmul rate);
-- DPO: pairs/s of the DPO stage, fp32 and bf16 autocast;
+- training: examples/s of the SFT stage and pairs/s of the DPO stage, with TRL's fused LM head as TRL runs it on a
+  CPU (every position projected; the baseline) and as srlm runs it (labelled positions only), fp32 and bf16 autocast;
 - peak resident memory of each.
 
-    .venv/bin/python bench/speed.py                        # the full run (about 25 minutes on 2 cores)
-    .venv/bin/python bench/speed.py --prompts 64 --skip dpo
+    .venv/bin/python bench/speed.py                        # the full run (about 30 minutes on 2 cores)
+    .venv/bin/python bench/speed.py --prompts 64 --skip sft dpo
     .venv/bin/python bench/speed.py --device cuda          # on a GPU: figures go to results/speed-cuda.json
 
 A run updates the sections it measures in the results file and keeps the others, each section with the date, command,
@@ -339,35 +340,67 @@ def scoring_roofline(generator, prompts, candidates) -> dict:
             "gflop_per_candidate": round(per_candidate, 2), "candidates_per_s": round(gflops / per_candidate, 2)}
 
 
-def dpo(model_path, n_pairs: int, device: str) -> list[dict]:
+# What a training stage is timed in: TRL's fused LM head as TRL runs it on a CPU (every position projected, the
+# baseline), then as srlm runs it (labelled positions only, training.scored_positions_only), in fp32 and bf16.
+TRAINING_SETTINGS = (("TRL's LM head (every position), bf16", "bf16", False),
+                     ("srlm, fp32", "fp32", True),
+                     ("srlm, bf16 (srlm run's default here)", "bf16", True))
+
+
+def training(stage: str, model_path, n: int, device: str) -> list[dict]:
+    """Items/s of the SFT stage (`n` seed examples, half IFT and half EFT, as the tiny preset mixes them) or the DPO
+    stage (`n` pairs: a seed answer over its first sentence; real text, short sequences) in each TRAINING_SETTINGS
+    row, with the tiny preset's batch sizes."""
+    import contextlib
+
+    from srlm import training as shared
     from srlm.config import load_config
     from srlm.dpo import train_dpo
     from srlm.records import Pair
-    from srlm.seed import load_ift
+    from srlm.seed import load_eft, load_ift
+    from srlm.sft import train_sft
 
-    # Chosen: the seed's answer; rejected: its first sentence. Real text, a clear preference, short sequences.
-    pairs = [Pair(id=e.id, prompt_id=e.id, prompt=e.prompt, chosen_id="c", rejected_id="r", chosen=e.response,
-                  rejected=e.response.split(". ")[0], chosen_score=4, rejected_score=1) for e in load_ift()[:n_pairs]]
+    if stage == "sft":
+        ift, eft = load_ift(limit=n - n // 2), load_eft(limit=n // 2)
+        train = lambda config, out, k=n: train_sft(model_path, ift[: k - k // 2], eft[: k // 2], out, config)
+        unit = "examples"
+    else:
+        pairs = [Pair(id=e.id, prompt_id=e.id, prompt=e.prompt, chosen_id="c", rejected_id="r", chosen=e.response,
+                      rejected=e.response.split(". ")[0], chosen_score=4, rejected_score=1) for e in load_ift(limit=n)]
+        train = lambda config, out, k=n: train_dpo(model_path, pairs[:k], out, config)
+        unit = "pairs"
+    scored_positions_only = shared.scored_positions_only
+    # Warm-up, untimed: a process's first training pays for imports, dataset machinery and first-touch memory, which
+    # would otherwise all land on the first row (the baseline looked 1.7x slower in one run for it).
+    with TemporaryDirectory() as tmp:
+        train(load_config(overrides=[f"device={device}", f"{stage}.save_steps=1000"]), Path(tmp) / "M", k=2)
     rows = []
-    for precision in ("fp32", "bf16"):
-        config = load_config(overrides=[f"device={device}", "dpo.save_steps=1000", f"dpo.bf16={precision == 'bf16'}"])
-        with TemporaryDirectory() as tmp, PeakRSS() as mem:
-            start = time.perf_counter()
-            train_dpo(model_path, pairs, Path(tmp) / "M2", config)
-            seconds = time.perf_counter() - start
-        print(f"  DPO {precision}: {len(pairs) / seconds:.2f} pairs/s ({len(pairs)} pairs, batch "
-              f"{config.dpo.batch_size}, micro-batch {config.dpo.micro_batch_size}, {seconds:.0f} s, {mem})",
-              flush=True)
-        rows.append({"precision": precision, "pairs": len(pairs), "seconds": round(seconds, 1),
-                     "pairs_per_s": round(len(pairs) / seconds, 3), **mem.figures})
-    rows[1]["ratio_vs_fp32"] = round(rows[1]["pairs_per_s"] / rows[0]["pairs_per_s"], 2)
+    for name, precision, scored_only in TRAINING_SETTINGS:
+        config = load_config(overrides=[f"device={device}", f"{stage}.save_steps=1000",
+                                        f"{stage}.bf16={precision == 'bf16'}"])
+        shared.scored_positions_only = scored_positions_only if scored_only else contextlib.nullcontext
+        try:
+            with TemporaryDirectory() as tmp, PeakRSS() as mem:
+                start = time.perf_counter()
+                train(config, Path(tmp) / "M")
+                seconds = time.perf_counter() - start
+        finally:
+            shared.scored_positions_only = scored_positions_only
+        section = getattr(config, stage)
+        print(f"  {stage.upper()} {name:<40} {n / seconds:.3f} {unit}/s ({n} {unit}, batch {section.batch_size}, "
+              f"micro-batch {section.micro_batch_size}, {seconds:.0f} s, {mem})", flush=True)
+        rows.append({"setting": name, "precision": precision, unit: n, "seconds": round(seconds, 1),
+                     f"{unit}_per_s": round(n / seconds, 3), **mem.figures})
+    for row in rows[1:]:
+        row["ratio_vs_trl_lm_head"] = round(row[f"{unit}_per_s"] / rows[0][f"{unit}_per_s"], 2)
+    rows[2]["ratio_vs_fp32"] = round(rows[2][f"{unit}_per_s"] / rows[1][f"{unit}_per_s"], 2)
     return rows
 
 
 # The keys of each section of the results file.
 SECTIONS = {"generation": ("generation", "generation_workload"),
             "judging": ("judging", "judge_mode_agreement", "judging_roofline"),
-            "dpo": ("dpo",)}
+            "sft": ("sft",), "dpo": ("dpo",)}
 
 
 def cpu_model() -> str:
@@ -437,6 +470,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--judge-candidates", type=int, default=48)
+    parser.add_argument("--sft-examples", type=int, default=16)
     parser.add_argument("--dpo-pairs", type=int, default=16)
     parser.add_argument("--no-naive-judge", action="store_true", help="skip the naive judge baseline (~8 minutes)")
     parser.add_argument("--vllm-python", type=Path, default=HERE.parent / ".venv-vllm" / "bin" / "python")
@@ -480,10 +514,11 @@ def main() -> None:
             print(f"  Spearman over candidates: sample vs expected {agreement['spearman_sample_vs_expected']}; vs the "
                   f"EFT labels: sample {agreement['spearman_sample_vs_eft_label']}, expected "
                   f"{agreement['spearman_expected_vs_eft_label']}", flush=True)
-        if "dpo" not in args.skip:
-            print(f"dpo: {args.dpo_pairs} pairs", flush=True)
-            result["dpo"] = dpo(model_path, args.dpo_pairs, args.device)
-            measured["dpo"] = facts(args.model)
+        for stage, n in (("sft", args.sft_examples), ("dpo", args.dpo_pairs)):
+            if stage not in args.skip:
+                print(f"{stage}: {n} {'examples' if stage == 'sft' else 'pairs'}", flush=True)
+                result[stage] = training(stage, model_path, n, args.device)
+                measured[stage] = facts(args.model)
     out.parent.mkdir(parents=True, exist_ok=True)
     merged = merge(out, result, measured)
     atomic_write_text(out, json.dumps(merged, indent=2) + "\n")

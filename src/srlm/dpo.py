@@ -36,7 +36,7 @@ def train_dpo(
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import finish, last_checkpoint, training_arguments
+    from .training import finish, last_checkpoint, scored_positions_only, training_arguments
 
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
@@ -53,7 +53,8 @@ def train_dpo(
         precompute_ref_log_probs=True,
         disable_dropout=config.dpo.dropout == 0,
     )
-    trainer = DPOTrainer(model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(dpo_rows(pairs)),
-                         processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
+    with scored_positions_only():  # the reference log-probabilities too, when TRL computes them at construction
+        trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
+                             train_dataset=Dataset.from_list(dpo_rows(pairs)), processing_class=tokenizer)
+        trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     return finish(trainer, tokenizer, out_dir, work_dir)

@@ -58,7 +58,7 @@ def train_sft(
     from trl import SFTConfig, SFTTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import finish, last_checkpoint, training_arguments
+    from .training import finish, last_checkpoint, scored_positions_only, training_arguments
 
     device = pick_device(config.device)
     rows = sft_rows(ift, eft, template, config.seed)
@@ -75,5 +75,6 @@ def train_sft(
         arguments["max_length"] = None
     args = SFTConfig(**arguments, completion_only_loss=True, padding_free=padding_free)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
-    trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
+    with scored_positions_only():
+        trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     return finish(trainer, tokenizer, out_dir, work_dir)

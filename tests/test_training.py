@@ -1,0 +1,112 @@
+"""What SFT and DPO share (srlm.training): the LM head scores only labelled positions, with the same result."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FIXTURES
+from srlm import testing
+from srlm.config import load_config
+from srlm.dpo import train_dpo
+from srlm.records import IFTExample, Pair
+from srlm.sft import train_sft
+from srlm.training import scored_positions_only
+
+
+class LMHeadCalls:
+    """Each forward through TRL's fused LM head: the rows it projected and the positions that have a label."""
+
+    def __init__(self):
+        self.rows: list[int] = []
+        self.labelled: list[int] = []
+
+    @property
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.rows, self.labelled))
+
+
+@pytest.fixture
+def lm_head(monkeypatch) -> LMHeadCalls:
+    from trl.trainer import utils
+
+    calls = LMHeadCalls()
+    chunked, output = utils._ChunkedLogProbFunction, utils.FusedCausalLMOutput
+
+    class Counting:
+        @staticmethod
+        def apply(hidden, *rest):
+            calls.rows.append(hidden.shape[0])
+            return chunked.apply(hidden, *rest)
+
+    def counted_output(**fields):
+        calls.labelled.append(int(fields["label_mask"].sum()))
+        return output(**fields)
+
+    monkeypatch.setattr(utils, "_ChunkedLogProbFunction", Counting)
+    monkeypatch.setattr(utils, "FusedCausalLMOutput", counted_output)
+    return calls
+
+
+def _fused_model(tiny_model):
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    return model
+
+
+def test_labelled_positions_only_give_the_same_loss_and_gradients(tiny_model, lm_head):
+    model = _fused_model(tiny_model)
+    torch.manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 40))
+    labels = ids.clone()
+    labels[0, :30] = -100  # a long prompt and a short response, as in an EFT example
+    labels[1, :12] = -100
+
+    def loss_and_grads():
+        model.zero_grad()
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        return out.loss.detach(), out.log_probs.detach(), [p.grad.clone() for p in model.parameters()]
+
+    every_loss, every_logps, every_grads = loss_and_grads()
+    with scored_positions_only():
+        scored_loss, scored_logps, scored_grads = loss_and_grads()
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert lm_head.pairs == [(2 * 39, labelled), (labelled, labelled)]  # TRL's default on a CPU, then ours
+    assert scored_loss == pytest.approx(float(every_loss), rel=1e-6)
+    torch.testing.assert_close(scored_logps, every_logps)
+    for a, b in zip(scored_grads, every_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_the_switch_is_put_back_afterwards_even_on_an_error():
+    from trl.trainer import utils
+
+    decide = utils._use_triton
+    with pytest.raises(RuntimeError), scored_positions_only():
+        assert utils._use_triton(torch.device("cpu")) is True
+        raise RuntimeError("a crash in training")
+    assert utils._use_triton is decide
+    assert utils._use_triton(torch.device("cpu")) is False
+
+
+def _config(tiny_model, *extra: str):
+    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
+                                       FIXTURES / "short_judge_template.txt")
+    return load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100", "dpo.save_steps=100", *extra])
+
+
+def test_sft_and_dpo_project_only_labelled_positions(tiny_model, tmp_path, lm_head):
+    ift = [IFTExample(id="a", prompt="Tell me, in a few words, what colour the sky is on a clear day.",
+                      response="Blue.")]
+    train_sft(tiny_model, ift, [], tmp_path / "M1", _config(tiny_model))
+    assert lm_head.pairs and all(rows == labelled for rows, labelled in lm_head.pairs)
+    sft_calls = len(lm_head.pairs)
+    pairs = [Pair(id="p", prompt_id="q", prompt=ift[0].prompt, chosen_id="c", rejected_id="r", chosen="Blue.",
+                  rejected="It is a colour, and colours are many.", chosen_score=4, rejected_score=1)]
+    train_dpo(tiny_model, pairs, tmp_path / "M2", _config(tiny_model))
+    # The reference log-probabilities, computed when the trainer is built, and the training steps.
+    dpo_calls = lm_head.pairs[sft_calls:]
+    assert len(dpo_calls) >= 2 and all(rows == labelled for rows, labelled in dpo_calls)
