@@ -369,15 +369,16 @@ def training(stage: str, model_path, n: int, device: str) -> list[dict]:
                       rejected=e.response.split(". ")[0], chosen_score=4, rejected_score=1) for e in load_ift(limit=n)]
         train = lambda config, out, k=n: train_dpo(model_path, pairs[:k], out, config)
         unit = "pairs"
-    scored_positions_only = shared.scored_positions_only
+    config_for = lambda *extra: load_config(overrides=[f"device={device}", f"{stage}.save_steps=1000", *extra])
     # Warm-up, untimed: a process's first training pays for imports, dataset machinery and first-touch memory, which
     # would otherwise all land on the first row (the baseline looked 1.7x slower in one run for it).
     with TemporaryDirectory() as tmp:
-        train(load_config(overrides=[f"device={device}", f"{stage}.save_steps=1000"]), Path(tmp) / "M", k=2)
+        train(config_for(), Path(tmp) / "M", k=2)
+    # train_sft and train_dpo import scored_positions_only when called: the baseline rows get a do-nothing one.
+    scored_positions_only = shared.scored_positions_only
     rows = []
     for name, precision, scored_only in TRAINING_SETTINGS:
-        config = load_config(overrides=[f"device={device}", f"{stage}.save_steps=1000",
-                                        f"{stage}.bf16={precision == 'bf16'}"])
+        config = config_for(f"{stage}.bf16={precision == 'bf16'}")
         shared.scored_positions_only = scored_positions_only if scored_only else contextlib.nullcontext
         try:
             with TemporaryDirectory() as tmp, PeakRSS() as mem:

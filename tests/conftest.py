@@ -51,3 +51,10 @@ def eft_file() -> Path:
 
 def tiny_overrides(model: Path, ift: Path, eft: Path) -> list[str]:
     return testing.tiny_overrides(model, ift, eft, FIXTURES / "short_judge_template.txt")
+
+
+def tiny_config(model: Path, *extra: str):
+    """The tiny model's run config on the fixture seed files, with `extra` overrides (key=value) on top."""
+    from srlm.config import load_config
+
+    return load_config(overrides=tiny_overrides(model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl") + list(extra))

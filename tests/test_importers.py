@@ -5,10 +5,9 @@ from collections import Counter
 
 import pytest
 
-from conftest import FIXTURES, tiny_overrides
+from conftest import FIXTURES, tiny_config
 from srlm.backends import Completion, make_generator
 from srlm.cli import main
-from srlm.config import load_config
 from srlm.errors import InputError, SrlmError
 from srlm.evaluation import RankedReply, load_ranked
 from srlm.importers import (
@@ -380,7 +379,7 @@ def test_import_ranked_judges_the_train_split_and_resumes(tmp_path):
 
 
 def test_import_ranked_on_the_tiny_model(tiny_model, tmp_path):
-    config = load_config(overrides=tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl"))
+    config = tiny_config(tiny_model)
     replies = load_ranked(DATA / "ranked.jsonl", "all")
     side = tmp_path / "eft.judgments.jsonl"
     examples, report = import_ranked(make_generator(config, tiny_model), replies, side, seed=config.seed,

@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import tiny_overrides
+from conftest import tiny_config, tiny_overrides
 from srlm.backends import HFGenerator
-from srlm.config import load_config
 from srlm.loop import run
 from srlm.records import Candidate, Judgment, Pair, Prompt, read_jsonl
 
@@ -25,10 +24,8 @@ def artifacts(root: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def reference_run(tiny_model, tmp_path_factory):
-    from conftest import FIXTURES
-
     root = tmp_path_factory.mktemp("ref") / "run"
-    config = load_config(overrides=tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl"))
+    config = tiny_config(tiny_model)
     summary = run(config, root)
     return root, summary, config
 
@@ -177,13 +174,13 @@ def test_expected_judge_mode_and_evaluation_of_every_model(tiny_model, tmp_path,
     from conftest import FIXTURES
     from srlm.report import report
 
-    overrides = [*tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl"), "iterations=1",
-                 f"eval.judge_data={FIXTURES / 'importers' / 'ranked.jsonl'}", "eval.judge_split=all",
-                 f"eval.ifeval_data={FIXTURES / 'ifeval' / 'input_data.jsonl'}", "eval.ifeval_max_new_tokens=8",
-                 f"eval.h2h_prompts={FIXTURES / 'h2h_reference_outputs.json'}", "eval.h2h_max_new_tokens=8",
-                 "judge.mode=expected", "judge.expected_min_mass=0", "eval.sft_baseline=true"]
+    config = tiny_config(tiny_model, "iterations=1",
+                         f"eval.judge_data={FIXTURES / 'importers' / 'ranked.jsonl'}", "eval.judge_split=all",
+                         f"eval.ifeval_data={FIXTURES / 'ifeval' / 'input_data.jsonl'}", "eval.ifeval_max_new_tokens=8",
+                         f"eval.h2h_prompts={FIXTURES / 'h2h_reference_outputs.json'}", "eval.h2h_max_new_tokens=8",
+                         "judge.mode=expected", "judge.expected_min_mass=0", "eval.sft_baseline=true")
     root = tmp_path / "run"
-    summary = run(load_config(overrides=overrides), root)
+    summary = run(config, root)
     # judge.mode=expected: one judgment per candidate, scored from the next-token distribution.
     candidates = read_jsonl(root / "iter_1" / "candidates.jsonl", Candidate)
     judgments = read_jsonl(root / "iter_1" / "judgments.jsonl", Judgment)
@@ -222,13 +219,10 @@ def test_expected_judge_mode_and_evaluation_of_every_model(tiny_model, tmp_path,
 
 
 def test_a_bad_eval_set_fails_before_any_training(tiny_model, tmp_path):
-    from conftest import FIXTURES
     from srlm.errors import InputError
 
     bad = tmp_path / "ifeval.jsonl"
     bad.write_text('{"key": 1, "prompt": "Write.", "instruction_id_list": "x", "kwargs": []}\n')
-    overrides = [*tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl"),
-                 f"eval.ifeval_data={bad}"]
     with pytest.raises(InputError, match="ifeval.jsonl:1"):
-        run(load_config(overrides=overrides), tmp_path / "run")
+        run(tiny_config(tiny_model, f"eval.ifeval_data={bad}"), tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -5,9 +5,7 @@ import importlib.util
 
 import pytest
 
-from conftest import FIXTURES
-from srlm import testing
-from srlm.config import load_config
+from conftest import tiny_config
 from srlm.records import IFTExample
 from srlm.sft import train_sft
 
@@ -15,9 +13,7 @@ ONE_EXAMPLE = [IFTExample(id="a", prompt="Name a colour.", response="Blue.")]
 
 
 def _config(tiny_model, *extra: str):
-    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
-                                       FIXTURES / "short_judge_template.txt")
-    return load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100", *extra])
+    return tiny_config(tiny_model, "sft.epochs=1", "sft.save_steps=100", *extra)
 
 
 def _spy_on_trainer(monkeypatch, look) -> dict:

@@ -4,9 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import FIXTURES
-from srlm import testing
-from srlm.config import load_config
+from conftest import tiny_config
 from srlm.dpo import train_dpo
 from srlm.records import IFTExample, Pair
 from srlm.sft import train_sft
@@ -92,21 +90,15 @@ def test_the_switch_is_put_back_afterwards_even_on_an_error():
     assert utils._use_triton(torch.device("cpu")) is False
 
 
-def _config(tiny_model, *extra: str):
-    overrides = testing.tiny_overrides(tiny_model, FIXTURES / "ift.jsonl", FIXTURES / "eft.jsonl",
-                                       FIXTURES / "short_judge_template.txt")
-    return load_config(overrides=overrides + ["sft.epochs=1", "sft.save_steps=100", "dpo.save_steps=100", *extra])
-
-
 def test_sft_and_dpo_project_only_labelled_positions(tiny_model, tmp_path, lm_head):
     ift = [IFTExample(id="a", prompt="Tell me, in a few words, what colour the sky is on a clear day.",
                       response="Blue.")]
-    train_sft(tiny_model, ift, [], tmp_path / "M1", _config(tiny_model))
+    train_sft(tiny_model, ift, [], tmp_path / "M1", tiny_config(tiny_model, "sft.epochs=1", "sft.save_steps=100", "dpo.save_steps=100"))
     assert lm_head.pairs and all(rows == labelled for rows, labelled in lm_head.pairs)
     sft_calls = len(lm_head.pairs)
     pairs = [Pair(id="p", prompt_id="q", prompt=ift[0].prompt, chosen_id="c", rejected_id="r", chosen="Blue.",
                   rejected="It is a colour, and colours are many.", chosen_score=4, rejected_score=1)]
-    train_dpo(tiny_model, pairs, tmp_path / "M2", _config(tiny_model))
+    train_dpo(tiny_model, pairs, tmp_path / "M2", tiny_config(tiny_model, "sft.epochs=1", "sft.save_steps=100", "dpo.save_steps=100"))
     # The reference log-probabilities, computed when the trainer is built, and the training steps.
     dpo_calls = lm_head.pairs[sft_calls:]
     assert len(dpo_calls) >= 2 and all(rows == labelled for rows, labelled in dpo_calls)
