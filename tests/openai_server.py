@@ -9,6 +9,8 @@ Failure switches, for the client's error handling:
 - `failures`: HTTP status codes returned, one per request, before normal service resumes ([500] then success);
 - `delay_s`: seconds to wait before answering (a number, or a function of the request body);
 - `omit_usage`: answer without the `usage` object, as some servers do.
+Asked for `logprobs`, it answers in the API's shape for the route (chat: `logprobs.content`, completions:
+`logprobs.token_logprobs`), except with `respond=`, where it answers without them, as a server that lacks them does.
 It records every request body and its headers, and the most requests it had in flight at once.
 """
 from __future__ import annotations
@@ -101,13 +103,20 @@ class OpenAIServer:
         else:
             params = SamplingParams(temperature=body.get("temperature", 1.0), top_p=body.get("top_p", 1.0),
                                     max_new_tokens=body.get("max_tokens", 16), seed=body.get("seed", 0),
-                                    stop=tuple(body.get("stop") or ()))
+                                    stop=tuple(body.get("stop") or ()), logprobs=bool(body.get("logprobs")))
             with self._generation:
                 out = self.generator.generate([body["messages"] if chat else body["prompt"]], params)[0]
             text, n_tokens, truncated = out.text, out.n_tokens, out.truncated
         finish = "length" if truncated else "stop"
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
                   else {"index": 0, "text": text, "finish_reason": finish})
+        if body.get("logprobs") and self.respond is None:
+            # The two APIs' shapes; the token strings are not what a client of srlm reads.
+            values = list(out.token_logprobs or ())
+            choice["logprobs"] = ({"content": [{"token": "", "logprob": v, "bytes": [], "top_logprobs": []}
+                                               for v in values]} if chat
+                                  else {"tokens": [""] * len(values), "token_logprobs": values, "top_logprobs": None,
+                                        "text_offset": []})
         answer = {"id": f"cmpl-{len(self.requests)}", "object": "chat.completion" if chat else "text_completion",
                   "model": body.get("model", self.model), "choices": [choice]}
         if not self.omit_usage:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -112,6 +113,42 @@ def test_empty_request_list(generator):
     assert generator.generate([], GREEDY) == []
 
 
+@pytest.fixture
+def model_of(request, hf_generator, device):
+    """An HFGenerator on the model the `generator` case runs (vllm: its own tiny model), to compute references with."""
+    if request.node.callspec.params.get("generator") != "vllm":
+        return hf_generator
+    model = request.getfixturevalue("tiny_model_vllm")
+    return HFGenerator(model, ModelConfig(name_or_path=str(model), dtype="float32"), device, batch_size=2)
+
+
+def reference_logprobs(hf: HFGenerator, request_, max_new_tokens: int) -> list[float]:
+    """log P of each greedy token before end-of-sequence, from transformers' `generate` and its raw logits."""
+    import torch
+
+    enc = hf.tokenizer([hf.render(request_)], return_tensors="pt", add_special_tokens=False).to(hf.device)
+    with torch.inference_mode():
+        out = hf.model.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, output_logits=True,
+                                return_dict_in_generate=True, eos_token_id=hf.eos_ids,
+                                pad_token_id=hf.tokenizer.pad_token_id)
+    new = out.sequences[0, enc.input_ids.shape[1]:].tolist()
+    new = new[: next((i for i, t in enumerate(new) if t in hf.eos_ids), len(new))]
+    return [torch.log_softmax(step[0].float(), -1)[t].item() for step, t in zip(out.logits, new)]
+
+
+def test_token_logprobs_are_the_models_own(generator, model_of):
+    """Asked for, each completion carries one log-probability per sampled token, the model's own (transformers'
+    logits for the same greedy tokens); not asked for, none. Asking changes no text."""
+    plain = generator.generate(REQUESTS, GREEDY)
+    scored = generator.generate(REQUESTS, replace(GREEDY, logprobs=True))
+    assert all(c.token_logprobs is None for c in plain)
+    assert [(c.text, c.n_tokens) for c in scored] == [(c.text, c.n_tokens) for c in plain]
+    for request_, completion in zip(REQUESTS, scored):
+        assert len(completion.token_logprobs) == completion.n_tokens
+        expected = reference_logprobs(model_of, request_, GREEDY.max_new_tokens)
+        assert list(completion.token_logprobs) == pytest.approx(expected, abs=2e-3)
+
+
 @pytest.mark.vllm
 def test_vllm_scores_choices_like_hf(vllm_generator, tiny_model_vllm, device):
     """judge.mode=expected on vLLM: the digit probabilities after "Score:" match transformers' on the same model."""
@@ -171,6 +208,21 @@ def test_sends_sampling_parameters_to_the_right_route():
         assert (body["temperature"], body["top_p"], body["max_tokens"], body["stop"]) == (0.3, 0.8, 5, ["\n"])
     # One seed per request: identical requests must not come back as identical samples.
     assert raw["seed"] != chat["seed"]
+
+
+def test_asks_each_api_for_logprobs_in_its_own_way(server):
+    seen = len(server.requests)
+    client(server).generate(["raw text", [{"role": "user", "content": "hi"}]], replace(GREEDY, logprobs=True))
+    client(server).generate(["raw text"], GREEDY)
+    raw, chat, plain = sorted(server.requests[seen:], key=lambda b: ("logprobs" not in b, "messages" in b))
+    assert (raw["logprobs"], chat["logprobs"]) == (1, True) and "logprobs" not in plain
+
+
+def test_a_server_without_logprobs_is_named_when_they_are_asked_for():
+    with scripted("fine") as server:  # answers without a logprobs block, as a server that lacks them does
+        assert client(server).generate(["x"], GREEDY)[0].text == "fine"
+        with pytest.raises(ModelError, match=r"choices\[0\]\.logprobs\.token_logprobs.*support logprobs"):
+            client(server).generate(["x"], replace(GREEDY, logprobs=True))
 
 
 def test_results_keep_request_order_when_answers_arrive_out_of_order():
@@ -311,6 +363,28 @@ def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, device, st
             assert (completion.text, completion.n_tokens) == (expected.strip(), len(new))
     if stop:
         assert {c.truncated for c in gen.generate(shared, params)} == {True, False}  # rows ended at different steps
+
+
+def test_hf_sampled_token_logprobs_are_the_untempered_distribution(tiny_model, device):
+    """At temperature 0.7 with top-p, the reported log-probabilities are those of the model's own distribution
+    (teacher-forced over prompt + sampled tokens), not of the tempered, truncated one sampling drew from. Shared
+    rubric prefix, duplicate prompts and rows leaving the batch are all in play."""
+    import torch
+
+    gen = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), device, batch_size=8)
+    rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n"
+    texts = [rubric + q for q in ("Q: 1 2 3", "Q: apple banana", "Q: 1 2 3", "Q: judge the")]
+    params = SamplingParams(temperature=0.7, top_p=0.9, max_new_tokens=10, stop=("e", "a"), logprobs=True)
+    with torch.inference_mode():
+        rows = gen._decode(texts, params, torch.Generator(device).manual_seed(5))
+        assert any(len(tokens) < 10 for tokens, _, _ in rows)  # a stop string ended a row early
+        for text, (tokens, _, logprobs) in zip(texts, rows):
+            prompt = gen.tokenizer(text, add_special_tokens=False).input_ids
+            logits = gen.model(torch.tensor([prompt + tokens], device=device)).logits[0, len(prompt) - 1 : -1]
+            forced = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens, device=device)[:, None])
+            assert logprobs == pytest.approx(forced[:, 0].tolist(), abs=1e-4)
+            tempered = torch.log_softmax(logits.float() / 0.7, -1).gather(1, torch.tensor(tokens, device=device)[:, None])
+            assert logprobs != pytest.approx(tempered[:, 0].tolist(), abs=1e-3)
 
 
 def test_sampler_draws_from_the_top_p_nucleus_and_follows_its_probabilities():

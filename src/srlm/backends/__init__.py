@@ -6,7 +6,8 @@
 
 
 A stage hands a backend a list of requests (chat messages, or raw text to continue) and one
-`SamplingParams`; it gets back one `Completion` per request, in order. Stages never know which backend
+`SamplingParams`; it gets back one `Completion` per request, in order: the text, its token count, and on
+request the log-probability of each token. Stages never know which backend
 runs (STYLE.md: the vLLM `LLM.generate(prompts, SamplingParams)` shape).
 
 Batches are planned by the stage (`plan_batches`) rather than inside the backend, so a stage can write
@@ -30,6 +31,7 @@ class SamplingParams:
     max_new_tokens: int = 256
     seed: int = 0
     stop: tuple[str, ...] = ()  # cut the text at the first of these (and stop sampling there)
+    logprobs: bool = False  # also return each sampled token's log-probability (Completion.token_logprobs)
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,10 @@ class Completion:
     text: str
     n_tokens: int
     truncated: bool  # hit max_new_tokens without an end-of-sequence or a stop string
+    # With SamplingParams.logprobs: log P(token | everything before it) of each of the n_tokens sampled tokens, under
+    # the model's own next-token distribution (before temperature and top-p, like vLLM's and OpenAI's logprobs);
+    # None otherwise.
+    token_logprobs: tuple[float, ...] | None = None
 
 
 class Generator(Protocol):

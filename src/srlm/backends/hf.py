@@ -206,8 +206,8 @@ class HFGenerator:
                 generator = torch.Generator(self.device).manual_seed(params.seed + start)
             with torch.inference_mode():
                 rows = self._decode([texts[i] for i in idx], params, generator)
-            for i, (tokens, ended) in zip(idx, rows):
-                results[i] = self._completion(tokens, ended, params)
+            for i, (tokens, ended, logprobs) in zip(idx, rows):
+                results[i] = self._completion(tokens, ended, logprobs, params)
         return results  # type: ignore[return-value]
 
     def _new_cache(self):
@@ -258,19 +258,28 @@ class HFGenerator:
                             logits_to_keep=1, **{self._cache_kw: cache}).logits[:, -1]
         return cache, logits, mask, positions[:, -1] + 1
 
-    def _decode(self, texts: list[str], params: SamplingParams, generator) -> list[tuple[list[int], bool]]:
-        """(new tokens without the end-of-sequence token, ended by EOS or a stop string) for each text."""
+    def _decode(self, texts: list[str], params: SamplingParams,
+                generator) -> list[tuple[list[int], bool, list[float] | None]]:
+        """(new tokens without the end-of-sequence token, ended by EOS or a stop string, each token's log-probability
+        if `params.logprobs`) for each text."""
         import torch
 
         cache, logits, mask, position = self._prefill(texts)
         tokens_of: list[list[int]] = [[] for _ in texts]
+        logprobs_of: list[list[float]] | None = [[] for _ in texts] if params.logprobs else None
         ended = [False] * len(texts)
         active = list(range(len(texts)))  # batch row -> text
         finished_rows: set[int] = set()  # rows still in the batch whose text is done
         eos = set(self.eos_ids)
         window = max((len(s) for s in params.stop), default=0) + 2
         for step in range(params.max_new_tokens):
-            picked = sample_tokens(logits, params.temperature, params.top_p, generator).tolist()
+            # The model's own distribution, before temperature and top-p (what vLLM and OpenAI report); taken before
+            # sampling, which may scale fp32 logits in place.
+            log_p = torch.log_softmax(logits.float(), -1) if logprobs_of is not None else None
+            chosen = sample_tokens(logits, params.temperature, params.top_p, generator)
+            picked = chosen.tolist()
+            if log_p is not None:
+                scores = log_p.gather(1, chosen[:, None])[:, 0].tolist()
             for row, (text, token) in enumerate(zip(active, picked)):
                 if row in finished_rows:
                     continue
@@ -279,6 +288,8 @@ class HFGenerator:
                     finished_rows.add(row)
                     continue
                 tokens_of[text].append(token)
+                if logprobs_of is not None:
+                    logprobs_of[text].append(scores[row])
                 if params.stop:
                     tail = self.tokenizer.decode(tokens_of[text][-window:], skip_special_tokens=True)
                     if any(s in tail for s in params.stop):
@@ -300,11 +311,13 @@ class HFGenerator:
                                 position_ids=position[:, None], use_cache=True, logits_to_keep=1,
                                 **{self._cache_kw: cache}).logits[:, -1]
             position = position + 1
-        return list(zip(tokens_of, ended))
+        return list(zip(tokens_of, ended, logprobs_of or [None] * len(texts)))
 
-    def _completion(self, tokens: list[int], ended: bool, params: SamplingParams) -> Completion:
+    def _completion(self, tokens: list[int], ended: bool, logprobs: list[float] | None,
+                    params: SamplingParams) -> Completion:
         text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), params.stop)
-        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=not (ended or stopped))
+        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=not (ended or stopped),
+                          token_logprobs=None if logprobs is None else tuple(logprobs))
 
     def choice_probs(self, requests: Sequence[Request], prefill: str | Sequence[str], choices: Sequence[str], *,
                      reuse_prefix: bool = True) -> list[list[float]]:

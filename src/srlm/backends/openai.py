@@ -64,6 +64,10 @@ class OpenAIGenerator:
         }
         if params.stop:
             body["stop"] = list(params.stop)
+        if params.logprobs:
+            # The chat API takes a switch; the legacy completions API a count of alternatives (1: the least every
+            # server accepts), and reports the sampled token's own either way.
+            body["logprobs"] = True if chat else 1
         if chat:
             url, body["messages"] = f"{self.base_url}/chat/completions", list(request)
         else:
@@ -87,7 +91,21 @@ class OpenAIGenerator:
         if not isinstance(n_tokens, int):
             n_tokens = len(text.split())  # a server that reports no usage: words are the closest stand-in
         truncated = choice.get("finish_reason") == "length" and not stopped
-        return Completion(text=text.strip(), n_tokens=n_tokens, truncated=truncated)
+        logprobs = self._logprobs(url, choice, chat) if params.logprobs else None
+        return Completion(text=text.strip(), n_tokens=n_tokens, truncated=truncated, token_logprobs=logprobs)
+
+    @staticmethod
+    def _logprobs(url: str, choice: dict, chat: bool) -> tuple[float, ...]:
+        """Each sampled token's log-probability, as the server reports it (chat: `logprobs.content[].logprob`;
+        completions: `logprobs.token_logprobs[]`)."""
+        field = "choices[0].logprobs.content[].logprob" if chat else "choices[0].logprobs.token_logprobs[]"
+        try:
+            block = choice["logprobs"]
+            values = [t["logprob"] for t in block["content"]] if chat else list(block["token_logprobs"])
+            return tuple(float(v) for v in values)
+        except (KeyError, TypeError, ValueError):
+            raise ModelError(f"{url}: logprobs were asked for and the response has no {field} (does this server "
+                             f"support logprobs?): {json.dumps(choice)[:300]}")
 
     def _post(self, url: str, body: dict) -> dict:
         payload = json.dumps(body).encode("utf-8")

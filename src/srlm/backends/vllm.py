@@ -80,7 +80,10 @@ class VLLMGenerator:
         per_request = [
             VLLMParams(temperature=params.temperature, top_p=params.top_p if sample else 1.0, top_k=0,
                        max_tokens=params.max_new_tokens, seed=(params.seed * 1_000_003 + i) % 2**31,
-                       stop=list(params.stop) or None, stop_token_ids=self.eos_ids, skip_special_tokens=True)
+                       stop=list(params.stop) or None, stop_token_ids=self.eos_ids, skip_special_tokens=True,
+                       # 0 alternatives: the sampled token's own log-probability only; vLLM's default logprobs_mode
+                       # reports it under the model's distribution before temperature and top-p, as the hf backend does.
+                       logprobs=0 if params.logprobs else None)
             for i in range(len(requests))
         ]
         outputs = self.llm.generate(self._prompts([render(self.tokenizer, r) for r in requests]), per_request,
@@ -95,7 +98,11 @@ class VLLMGenerator:
         if ended_by_eos:
             tokens = tokens[:-1]
         text, _ = cut_at_stop(out.text, params.stop)
-        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=out.finish_reason == "length")
+        logprobs = None
+        if params.logprobs:
+            logprobs = tuple(step[token].logprob for step, token in zip(out.logprobs, tokens))
+        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=out.finish_reason == "length",
+                          token_logprobs=logprobs)
 
     def choice_probs(self, requests: Sequence[Request], prefill: str | Sequence[str], choices: Sequence[str], *,
                      reuse_prefix: bool = True) -> list[list[float]]:
