@@ -176,7 +176,7 @@ def generation_dtype(setting: str, model: ModelConfig, device: str) -> str:
 
 
 def total_memory(device: str) -> int:
-    """Bytes of memory on the device (not what is free now: a run's batch size must not depend on the moment)."""
+    """Bytes of memory on the device."""
     import torch
 
     if device == "cuda":
@@ -184,10 +184,36 @@ def total_memory(device: str) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def available_memory(device: str) -> int | None:
+    """Bytes of memory free for a new allocation now (the kernel's MemAvailable on a CPU), or None where the system
+    does not say."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def weights_bytes(path: Path | str) -> int:
+    """The size of a checkpoint's safetensors files: what loading its weights will take."""
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
 def auto_batch_size(path: Path | str, device: str, dtype: str, seq_len: int) -> int:
-    """Sequences per sampling batch: as many as a fifth of the device's memory holds key/value caches of `seq_len`
-    tokens for, a power of two, at most 128 on a CPU (throughput stops growing there, bench/speed.py) and 256 on a
-    GPU."""
+    """Sequences per sampling batch: a power of two, at most 128 on a CPU (throughput stops growing there,
+    bench/speed.py) and 256 on a GPU, whose key/value caches of `seq_len` tokens fit in both a fifth of the device's
+    memory and half of what is free now once the weights are loaded.
+
+    The first bound alone decides on a machine with room to spare, so that the batches, and with them the samples
+    (one seed per batch), are the same from run to run; the second shrinks the batch when other work holds the
+    memory a batch would need."""
     import json
 
     try:
@@ -200,7 +226,11 @@ def auto_batch_size(path: Path | str, device: str, dtype: str, seq_len: int) -> 
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or config.get("hidden_size", 4096) // heads
     per_token = 2 * layers * kv_heads * head_dim * (4 if dtype == "float32" else 2)
-    fits = int(0.2 * total_memory(device) // (per_token * seq_len))
+    budget = 0.2 * total_memory(device)
+    free = available_memory(device)
+    if free is not None:
+        budget = min(budget, 0.5 * (free - weights_bytes(path)))
+    fits = int(max(budget, 0) // (per_token * seq_len))
     cap = 256 if device == "cuda" else 128
     size = 1
     while size * 2 <= min(fits, cap):

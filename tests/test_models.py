@@ -1,0 +1,50 @@
+"""Sizing a sampling batch from the model's shape and the device's memory (models.auto_batch_size)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from srlm import models
+
+GIB = 2**30
+# SmolLM2-135M's shape: 30 layers x 3 key/value heads x 64 dims, 23,040 bytes of bf16 cache per token.
+SMOLLM2 = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "hidden_size": 576}
+PER_SEQUENCE = 2 * 30 * 3 * 64 * 2 * 1024  # bytes of cache for one 1024-token sequence in bf16
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2))
+    with open(tmp_path / "model.safetensors", "wb") as f:
+        f.truncate(GIB // 4)  # the weights' size is all that is read
+    return tmp_path
+
+
+def sized(monkeypatch, checkpoint, device="cpu", *, total, free):
+    monkeypatch.setattr(models, "total_memory", lambda d: total)
+    monkeypatch.setattr(models, "available_memory", lambda d: free)
+    return models.auto_batch_size(checkpoint, device, "bfloat16", 1024)
+
+
+def test_a_machine_with_room_gets_the_cap_whatever_is_free(monkeypatch, checkpoint):
+    assert sized(monkeypatch, checkpoint, total=24 * GIB, free=20 * GIB) == 128
+    assert sized(monkeypatch, checkpoint, total=24 * GIB, free=12 * GIB) == 128  # the same batches, run to run
+    assert sized(monkeypatch, checkpoint, "cuda", total=80 * GIB, free=70 * GIB) == 256
+
+
+def test_the_batch_shrinks_to_what_is_free(monkeypatch, checkpoint):
+    # Half of (2 GiB free - 0.25 GiB of weights) holds 39 sequences of cache: the power of two below is 32.
+    assert int(0.5 * (2 * GIB - GIB // 4) // PER_SEQUENCE) == 39
+    assert sized(monkeypatch, checkpoint, total=24 * GIB, free=2 * GIB) == 32
+    assert sized(monkeypatch, checkpoint, total=24 * GIB, free=GIB // 8) == 1  # less free than the weights take
+
+
+def test_total_memory_bounds_the_batch_where_free_memory_is_unknown(monkeypatch, checkpoint):
+    # A fifth of 1 GiB holds 9 sequences: 8.
+    assert sized(monkeypatch, checkpoint, total=GIB, free=None) == 8
+
+
+def test_this_machine_reports_its_free_memory():
+    free = models.available_memory("cpu")
+    assert free is None or 0 < free <= models.total_memory("cpu")
