@@ -41,6 +41,7 @@ $(VLLM_STAMP): pyproject.toml
 
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_VENV)/bin/python -m pytest -q tests/test_backends.py
+	$(VLLM_VENV)/bin/python -m pytest -q -m vllm tests/test_loop.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/speed.py $(ARGS)
