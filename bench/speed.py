@@ -340,11 +340,14 @@ def scoring_roofline(generator, prompts, candidates) -> dict:
             "gflop_per_candidate": round(per_candidate, 2), "candidates_per_s": round(gflops / per_candidate, 2)}
 
 
-# What a training stage is timed in: TRL's fused LM head as TRL runs it on a CPU (every position projected, the
-# baseline), then as srlm runs it (labelled positions only, training.scored_positions_only), in fp32 and bf16.
-TRAINING_SETTINGS = (("TRL's LM head (every position), bf16", "bf16", False),
-                     ("srlm, fp32", "fp32", True),
-                     ("srlm, bf16 (srlm run's default here)", "bf16", True))
+# What a training stage is timed in: (name, precision, TRL's fused LM head on labelled positions only
+# (training.scored_positions_only), model.attention). The baseline is TRL as it runs on a CPU: every position through
+# the LM head, sdpa's attention (its reference path, with dropout). Then srlm's head alone, then srlm as it trains:
+# with srlm_sdpa (attention.py), in fp32 and bf16.
+TRAINING_SETTINGS = (("TRL's LM head (every position), sdpa, bf16", "bf16", False, "sdpa"),
+                     ("srlm's LM head, sdpa, bf16", "bf16", True, "sdpa"),
+                     ("srlm, fp32", "fp32", True, "auto"),
+                     ("srlm, bf16 (srlm run's default here)", "bf16", True, "auto"))
 
 
 def training(stage: str, model_path, n: int, device: str) -> list[dict]:
@@ -377,8 +380,8 @@ def training(stage: str, model_path, n: int, device: str) -> list[dict]:
     # train_sft and train_dpo import scored_positions_only when called: the baseline rows get a do-nothing one.
     scored_positions_only = shared.scored_positions_only
     rows = []
-    for name, precision, scored_only in TRAINING_SETTINGS:
-        config = config_for(f"{stage}.bf16={precision == 'bf16'}")
+    for name, precision, scored_only, attention in TRAINING_SETTINGS:
+        config = config_for(f"{stage}.bf16={precision == 'bf16'}", f"model.attention={attention}")
         shared.scored_positions_only = scored_positions_only if scored_only else contextlib.nullcontext
         try:
             with TemporaryDirectory() as tmp, PeakRSS() as mem:
@@ -393,8 +396,9 @@ def training(stage: str, model_path, n: int, device: str) -> list[dict]:
         rows.append({"setting": name, "precision": precision, unit: n, "seconds": round(seconds, 1),
                      f"{unit}_per_s": round(n / seconds, 3), **mem.figures})
     for row in rows[1:]:
-        row["ratio_vs_trl_lm_head"] = round(row[f"{unit}_per_s"] / rows[0][f"{unit}_per_s"], 2)
-    rows[2]["ratio_vs_fp32"] = round(rows[2][f"{unit}_per_s"] / rows[1][f"{unit}_per_s"], 2)
+        row["ratio_vs_trl"] = round(row[f"{unit}_per_s"] / rows[0][f"{unit}_per_s"], 2)
+    rows[3]["ratio_vs_fp32"] = round(rows[3][f"{unit}_per_s"] / rows[2][f"{unit}_per_s"], 2)
+    rows[3]["ratio_vs_sdpa"] = round(rows[3][f"{unit}_per_s"] / rows[1][f"{unit}_per_s"], 2)
     return rows
 
 

@@ -37,7 +37,8 @@ class ModelConfig(Section):
     )
     attention: str = Field(
         "auto", description="transformers' attn_implementation: sdpa, eager, flash_attention_2 (needs the flash-attn "
-        "package and a GPU), ... auto: transformers' default (sdpa).")
+        "package and a GPU), ... auto: transformers' default (sdpa), and while training with dropout on a CPU srlm's "
+        "faster equivalent of sdpa's reference path (srlm/attention.py).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a hub model (off: safe default).")
     allow_online: bool = Field(False, description="Allow downloads from the Hugging Face hub (off: offline by default).")
 

@@ -274,4 +274,9 @@ def load_model(path: Path | str, model: ModelConfig, device: str, *, dropout: fl
         if model.attention != "auto":
             raise ModelError(f"{path}: model.attention={model.attention!r} cannot be used here: {e}")
         raise
+    if dropout and device == "cpu" and model.attention == "auto" and lm.config._attn_implementation == "sdpa":
+        # No fused CPU kernel takes dropout: sdpa would fall back to its slow reference path (attention.py).
+        from .attention import register
+
+        lm.set_attn_implementation(register())
     return lm.to(device)
