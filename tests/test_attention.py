@@ -14,17 +14,17 @@ from srlm.config import ModelConfig
 from srlm.models import load_model
 
 
-def test_keep_mask_keeps_each_entry_with_probability_one_minus_p_under_the_torch_seed():
+def test_drop_mask_keeps_each_entry_with_probability_one_minus_p_under_the_torch_seed():
     torch.manual_seed(0)
-    mask = attention.keep_mask((4, 9, 200, 300), 0.1)
+    mask = ~attention.drop_mask((4, 9, 200, 300), 0.1)
     assert mask.dtype == torch.bool and mask.shape == (4, 9, 200, 300)
     assert mask.float().mean().item() == pytest.approx(0.9, abs=0.002)  # 2.16M draws: 5 standard deviations
-    assert attention.keep_mask((1000, 1000), 0.5).float().mean().item() == pytest.approx(0.5, abs=0.003)
+    assert attention.drop_mask((1000, 1000), 0.5).float().mean().item() == pytest.approx(0.5, abs=0.003)
     # The run's seed decides the masks: the same seed, the same mask; the next draw, another.
     torch.manual_seed(0)
-    again = attention.keep_mask((4, 9, 200, 300), 0.1)
+    again = ~attention.drop_mask((4, 9, 200, 300), 0.1)
     assert torch.equal(mask, again)
-    assert not torch.equal(again, attention.keep_mask((4, 9, 200, 300), 0.1))
+    assert not torch.equal(again, ~attention.drop_mask((4, 9, 200, 300), 0.1))
     # Neighbouring entries are independent: P(both kept) = 0.81.
     pair = mask.flatten()[:-1] & mask.flatten()[1:]
     assert pair.float().mean().item() == pytest.approx(0.81, abs=0.003)
@@ -59,8 +59,8 @@ def test_training_attention_is_dropout_attention_by_definition(monkeypatch, padd
         mask[0, :, :, :3] = False  # row 0 is left-padded by 3
         mask[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)  # pads see themselves, as sdpa_mask leaves no row empty
     drawn = []
-    original = attention.keep_mask
-    monkeypatch.setattr(attention, "keep_mask", lambda shape, p: drawn.append(original(shape, p)) or drawn[-1])
+    original = attention.drop_mask
+    monkeypatch.setattr(attention, "drop_mask", lambda shape, p: drawn.append(~original(shape, p)) or ~drawn[-1])
     out, _ = attention.attention(module(3), q, k, v, mask if padded else None, dropout=p, scaling=0.25)
     expected = reference(q, k, v, drawn[0], p, 0.25, mask)
     assert out.shape == (batch, length, 9, 16)
@@ -76,16 +76,24 @@ def test_bf16_inputs_keep_fp32_scores():
     """With bf16 queries and keys (autocast's output), scores and softmax stay fp32: the error is that of rounding
     the probabilities and the values to bf16 once, not of bf16 scores."""
     torch.manual_seed(2)
-    q, k, v = (torch.randn(1, 4, 64, 32) * 3).bfloat16(), (torch.randn(1, 4, 64, 32) * 3).bfloat16(), torch.randn(
-        1, 4, 64, 32).bfloat16()
+    q, k = (torch.randn(1, 4, 64, 32) * 3).bfloat16(), (torch.randn(1, 4, 64, 32) * 3).bfloat16()
+    v = torch.randn(1, 4, 64, 32).bfloat16()
+    for t in (q, k, v):
+        t.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.manual_seed(3)
         out, _ = attention.attention(module(1), q, k, v, None, dropout=0.1, scaling=32**-0.5)
     torch.manual_seed(3)
-    keep = attention.keep_mask((1, 4, 64, 64), 0.1)
+    keep = ~attention.drop_mask((1, 4, 64, 64), 0.1)
     expected = reference(q, k, v, keep, 0.1, 32**-0.5, torch.ones(64, 64, dtype=torch.bool).tril())
     assert out.dtype == torch.bfloat16
     assert (out.double() - expected).abs().max() < 0.03
+    # The backward pass through the bf16 path (which masks its probabilities in place) matches too.
+    weights = torch.randn(out.shape, dtype=torch.float64)
+    grads = torch.autograd.grad((out.double() * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        assert (got.double() - want.double()).abs().max() < 0.05 * want.double().abs().max()
 
 
 def test_without_dropout_it_is_sdpa():

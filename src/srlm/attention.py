@@ -1,27 +1,26 @@
-"""Attention while training on a CPU with dropout: sdpa's reference path, with a faster dropout mask.
+"""Attention while training on a CPU with dropout: what sdpa computes there, faster.
 
 PAPER.md §4 trains with dropout 0.1, which for a Llama-family model is dropout on the attention probabilities. On a
 CPU neither of PyTorch's fused attention kernels takes dropout, so `scaled_dot_product_attention` falls back to its
-reference path: the score matrix is materialised and dropped out with a Bernoulli draw per entry. That draw, from
-PyTorch's Mersenne Twister one entry at a time, was the largest single cost of an SFT step on the embedded model
-(18% in the torch profiler, more than all the linear layers' forward products).
+reference path, which is slow twice over: it upcasts bf16 queries, keys and values to fp32 for both products, and it
+draws the dropout mask with PyTorch's Mersenne Twister one entry at a time (18% of an SFT step of the embedded model
+in the torch profiler, more than all the linear layers' forward products).
 
-`srlm_sdpa` computes the same attention in two ways faster there. The reference path upcasts bf16 queries, keys and
-values to fp32 and multiplies in fp32; here the scores and softmax are fp32 as there, but the probabilities are cast
-to bf16 for their product with the values, as flash attention does, so that product runs on the CPU's bf16 units.
-And the dropout mask is drawn as random bytes: numpy's PCG64, seeded from PyTorch's generator so that `seed` still
-decides every mask, 16 random bits per entry compared against the keep probability. On the embedded model, an SFT
-step of 640 tokens went from 2.9-3.4 s to 2.0-2.2 s (bench/speed.py measures whole stages). Outside training, or
-without dropout, it is transformers' sdpa, fused kernels and all. It is used only on a CPU: CUDA's fused kernels
-take dropout.
+`srlm_sdpa` keeps the scores and the softmax in fp32, as there, but casts the probabilities to bf16 for their product
+with the values, as flash attention does, so that product runs on the CPU's bf16 units; and it draws the mask as
+random bytes (numpy's PCG64, seeded from PyTorch's generator so that `seed` still decides every mask; 16 random bits
+per entry against the keep probability). One SFT step of 640 tokens on the embedded model, LM head included: sdpa
+2.9-3.4 s; fp32 products and the fast mask 2.85 s; bf16 product and PyTorch's mask 2.4-2.7 s; both, as here, 2.2 s
+(bf16 scores too would give 2.0 s, at the price of rounding them). Outside training, or without dropout, it is
+transformers' sdpa, fused kernels and all. It is used only on a CPU: CUDA's fused kernels take dropout.
 """
 from __future__ import annotations
 
 NAME = "srlm_sdpa"
 
 
-def keep_mask(shape, p: float):
-    """A boolean tensor of `shape`, each entry True with probability 1 - p (to within 2^-16), independently.
+def drop_mask(shape, p: float):
+    """A boolean tensor of `shape`, each entry True (dropped) with probability p (to within 2^-16), independently.
 
     The randomness is numpy's PCG64 under a seed drawn from PyTorch's default generator, so that a run's seed
     decides the masks as it decides everything else."""
@@ -33,38 +32,7 @@ def keep_mask(shape, p: float):
     n = math.prod(shape)
     seed = int(torch.randint(0, 2**62, (1,)).item())
     draws = np.frombuffer(np.random.default_rng(seed).bytes(2 * n), dtype=np.uint16)
-    return torch.from_numpy(draws < round((1 - p) * 65536)).view(shape)
-
-
-def _dropout_class():
-    import torch
-
-    class Dropout(torch.autograd.Function):
-        """Inverted dropout with a given keep mask: x * mask / (1 - p), and the same scaling of the gradient."""
-
-        @staticmethod
-        def forward(ctx, x, keep, scale: float):
-            ctx.save_for_backward(keep)
-            ctx.scale = scale
-            return torch.where(keep, x, 0).mul_(scale)
-
-        @staticmethod
-        def backward(ctx, grad):
-            (keep,) = ctx.saved_tensors
-            return torch.where(keep, grad, 0).mul_(ctx.scale), None, None
-
-    return Dropout
-
-
-_Dropout = None
-
-
-def drop(x, p: float):
-    """Inverted dropout of `x` with a `keep_mask`: what `torch.nn.functional.dropout(x, p, training=True)` computes."""
-    global _Dropout
-    if _Dropout is None:
-        _Dropout = _dropout_class()
-    return _Dropout.apply(x, keep_mask(x.shape, p).to(x.device), 1.0 / (1.0 - p))
+    return torch.from_numpy(draws >= round((1 - p) * 65536)).view(shape)
 
 
 def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
@@ -72,7 +40,7 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     """transformers' attention-function signature: (output [batch, length, heads, dim], None).
 
     Training with dropout: scores and softmax in fp32 (as sdpa's reference path computes them), the probabilities
-    dropped out and cast to the values' dtype for the product with them (as flash attention does). Otherwise:
+    cast to the values' dtype for the product with them (as flash attention does) and dropped out. Otherwise:
     transformers' sdpa."""
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -98,8 +66,13 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
                 scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
             else:
                 scores = scores + attention_mask.float()
-        weights = drop(torch.softmax(scores, dim=-1), dropout)
-        output = torch.matmul(weights.to(value.dtype), value)
+        weights = torch.softmax(scores, dim=-1).to(value.dtype)
+        dropped = drop_mask(weights.shape, dropout).to(weights.device)
+        # Inverted dropout, its 1 / (1 - p) applied to the product (dim columns) rather than the probabilities (length
+        # columns). In place only on a cast copy: softmax keeps its own output for the backward pass.
+        cast = value.dtype != torch.float32
+        weights = weights.masked_fill_(dropped, 0) if cast else weights.masked_fill(dropped, 0)
+        output = torch.matmul(weights, value) * (1.0 / (1.0 - dropout))
     return output.transpose(1, 2).contiguous(), None
 
 
