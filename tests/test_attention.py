@@ -60,16 +60,17 @@ def test_training_attention_is_dropout_attention_by_definition(monkeypatch, padd
         mask[0, :, :3, :3] = torch.eye(3, dtype=torch.bool)  # pads see themselves, as sdpa_mask leaves no row empty
     drawn = []
     original = attention.drop_mask
-    monkeypatch.setattr(attention, "drop_mask", lambda shape, p: drawn.append(~original(shape, p)) or ~drawn[-1])
+    monkeypatch.setattr(attention, "drop_mask", lambda shape, p: drawn.append(original(shape, p)) or drawn[-1])
     out, _ = attention.attention(module(3), q, k, v, mask if padded else None, dropout=p, scaling=0.25)
-    expected = reference(q, k, v, drawn[0], p, 0.25, mask)
+    keep = ~drawn[0]
+    expected = reference(q, k, v, keep, p, 0.25, mask)
     assert out.shape == (batch, length, 9, 16)
     assert torch.allclose(out.double(), expected, atol=1e-5)
     grads = torch.autograd.grad(out.sum(), (q, k, v))
     expected_grads = torch.autograd.grad(expected.sum(), (q, k, v))
     for got, want in zip(grads, expected_grads):
         assert torch.allclose(got, want, atol=1e-5)
-    assert 0.6 < drawn[0].float().mean() < 0.9  # a real draw: about 3 in 4 kept
+    assert 0.6 < keep.float().mean() < 0.9  # a real draw: about 3 in 4 kept
 
 
 def test_bf16_inputs_keep_fp32_scores():

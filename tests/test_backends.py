@@ -380,11 +380,12 @@ def test_hf_sampled_token_logprobs_are_the_untempered_distribution(tiny_model, d
         assert any(len(tokens) < 10 for tokens, _, _ in rows)  # a stop string ended a row early
         for text, (tokens, _, logprobs) in zip(texts, rows):
             prompt = gen.tokenizer(text, add_special_tokens=False).input_ids
-            logits = gen.model(torch.tensor([prompt + tokens], device=device)).logits[0, len(prompt) - 1 : -1]
-            forced = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(tokens, device=device)[:, None])
-            assert logprobs == pytest.approx(forced[:, 0].tolist(), abs=1e-4)
-            tempered = torch.log_softmax(logits.float() / 0.7, -1).gather(1, torch.tensor(tokens, device=device)[:, None])
-            assert logprobs != pytest.approx(tempered[:, 0].tolist(), abs=1e-3)
+            logits = gen.model(torch.tensor([prompt + tokens], device=device)).logits[0, len(prompt) - 1 : -1].float()
+            sampled = torch.tensor(tokens, device=device)[:, None]
+            forced = torch.log_softmax(logits, -1).gather(1, sampled)[:, 0].tolist()
+            tempered = torch.log_softmax(logits / 0.7, -1).gather(1, sampled)[:, 0].tolist()
+            assert logprobs == pytest.approx(forced, abs=1e-4)
+            assert logprobs != pytest.approx(tempered, abs=1e-3)
 
 
 def test_sampler_draws_from_the_top_p_nucleus_and_follows_its_probabilities():

@@ -76,17 +76,12 @@ def attention(module, query, key, value, attention_mask, dropout: float = 0.0, s
     return output.transpose(1, 2).contiguous(), None
 
 
-_registered = False
-
-
 def register() -> str:
-    """Make `srlm_sdpa` known to transformers (attention function and mask format, sdpa's); returns its name."""
-    global _registered
-    if not _registered:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    """Make `srlm_sdpa` known to transformers (attention function and mask format, sdpa's); returns its name.
+    Registering again replaces the entries with the same ones."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-        AttentionInterface.register(NAME, attention)
-        AttentionMaskInterface.register(NAME, sdpa_mask)
-        _registered = True
+    AttentionInterface.register(NAME, attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME
