@@ -341,21 +341,60 @@ def scoring_roofline(generator, prompts, candidates) -> dict:
 
 
 # What a training stage is timed in: (name, precision, TRL's fused LM head on labelled positions only
-# (training.scored_positions_only), model.attention). The baseline is TRL as it runs on a CPU: every position through
-# the LM head, sdpa's attention (its reference path, with dropout). Then srlm's head alone, then srlm as it trains:
-# with srlm_sdpa (attention.py), in fp32 and bf16.
-TRAINING_SETTINGS = (("TRL's LM head (every position), sdpa, bf16", "bf16", False, "sdpa"),
-                     ("srlm's LM head, sdpa, bf16", "bf16", True, "sdpa"),
-                     ("srlm, fp32", "fp32", True, "auto"),
-                     ("srlm, bf16 (srlm run's default here)", "bf16", True, "auto"))
+# (training.scored_positions_only), model.attention, malloc). The baseline is TRL as it runs on a CPU: every position
+# through the LM head, sdpa's attention (its reference path, with dropout), glibc's malloc as it comes. Then srlm's
+# changes one at a time: its head, `srlm_sdpa` (attention.py), malloc keeping freed memory (allocator.py); and srlm in
+# fp32. "auto" precision is what `srlm run` picks on this machine (bf16 autocast where it has bf16 instructions).
+TRAINING_SETTINGS = (("TRL's LM head (every position), sdpa", "auto", False, "sdpa", "system"),
+                     ("srlm's LM head, sdpa", "auto", True, "sdpa", "system"),
+                     ("srlm's LM head and srlm_sdpa", "auto", True, "auto", "system"),
+                     ("srlm, fp32", "fp32", True, "auto", "srlm"),
+                     ("srlm (srlm run's default)", "auto", True, "auto", "srlm"))
 
 
 def training(stage: str, model_path, n: int, device: str) -> list[dict]:
     """Items/s of the SFT stage (`n` seed examples, half IFT and half EFT, as the tiny preset mixes them) or the DPO
     stage (`n` pairs: a seed answer over its first sentence; real text, short sequences) in each TRAINING_SETTINGS
-    row, with the tiny preset's batch sizes."""
+    row, with the tiny preset's batch sizes. Each row runs in a fresh process (training_worker): malloc's settings
+    cannot be undone within one, and no row inherits another's heap."""
+    from srlm.models import cpu_has_native_bf16
+
+    unit = "examples" if stage == "sft" else "pairs"
+    native_bf16 = device != "cpu" or cpu_has_native_bf16()
+    rows = []
+    for index, (name, precision, *_rest) in enumerate(TRAINING_SETTINGS):
+        if precision == "fp32" and not native_bf16:
+            continue  # "auto" is fp32 here: the row would repeat the default's
+        env = {k: v for k, v in os.environ.items() if k != "SRLM_MALLOC"}
+        out = subprocess.run([sys.executable, __file__, "--training-worker", stage, str(index), str(model_path),
+                              "--prompts", str(n), "--device", device], capture_output=True, text=True, env=env)
+        found = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode or not found:
+            raise RuntimeError(f"{stage} row {name!r} failed:\n{out.stderr[-3000:]}")
+        row = json.loads(found[-1])
+        print(f"  {stage.upper()} {name:<40} {row[f'{unit}_per_s']:.3f} {unit}/s ({n} {unit}, {row['precision']}, "
+              f"batch {row['batch_size']}, micro-batch {row['micro_batch_size']}, {row['seconds']:.0f} s, "
+              f"peak RSS {row['peak_rss_gib']} GiB)", flush=True)
+        rows.append(row)
+    rate = {row["setting"]: row[f"{unit}_per_s"] for row in rows}
+    names = [setting[0] for setting in TRAINING_SETTINGS]
+    for row in rows[1:]:
+        row["ratio_vs_trl"] = round(row[f"{unit}_per_s"] / rows[0][f"{unit}_per_s"], 2)
+    default = rows[-1]
+    if names[3] in rate:
+        default["ratio_vs_fp32"] = round(default[f"{unit}_per_s"] / rate[names[3]], 2)
+    default["ratio_vs_system_malloc"] = round(default[f"{unit}_per_s"] / rate[names[2]], 2)
+    default["ratio_of_srlm_sdpa"] = round(rate[names[2]] / rate[names[1]], 2)  # both with glibc's malloc as it comes
+    return rows
+
+
+def training_worker(stage: str, index: int, model_path: str, n: int, device: str) -> None:
+    """One TRAINING_SETTINGS row, in this process: an untimed warm-up, then the timed stage; prints a JSON row."""
     import contextlib
 
+    name, precision, scored_only, attention, malloc = TRAINING_SETTINGS[index]
+    if malloc == "system":
+        os.environ["SRLM_MALLOC"] = "system"  # read by srlm.allocator when the stage starts
     from srlm import training as shared
     from srlm.config import load_config
     from srlm.dpo import train_dpo
@@ -372,34 +411,26 @@ def training(stage: str, model_path, n: int, device: str) -> list[dict]:
                       rejected=e.response.split(". ")[0], chosen_score=4, rejected_score=1) for e in load_ift(limit=n)]
         train = lambda config, out, k=n: train_dpo(model_path, pairs[:k], out, config)
         unit = "pairs"
-    config_for = lambda *extra: load_config(overrides=[f"device={device}", f"{stage}.save_steps=1000", *extra])
-    # Warm-up, untimed: a process's first training pays for imports, dataset machinery and first-touch memory, which
-    # would otherwise all land on the first row (the baseline looked 1.7x slower in one run for it).
+    bf16 = "auto" if precision == "auto" else precision == "bf16"
+    config = load_config(overrides=[f"device={device}", f"{stage}.save_steps=1000", f"{stage}.bf16={bf16}",
+                                    f"model.attention={attention}"])
+    if not scored_only:  # train_sft and train_dpo import it when called: the baseline gets a do-nothing one
+        shared.scored_positions_only = contextlib.nullcontext
+    # Warm-up, untimed: a process's first training pays for imports, dataset machinery and first-touch memory
+    # (without it, one run's baseline looked 1.7x slower).
     with TemporaryDirectory() as tmp:
-        train(config_for(), Path(tmp) / "M", k=2)
-    # train_sft and train_dpo import scored_positions_only when called: the baseline rows get a do-nothing one.
-    scored_positions_only = shared.scored_positions_only
-    rows = []
-    for name, precision, scored_only, attention in TRAINING_SETTINGS:
-        config = config_for(f"{stage}.bf16={precision == 'bf16'}", f"model.attention={attention}")
-        shared.scored_positions_only = scored_positions_only if scored_only else contextlib.nullcontext
-        try:
-            with TemporaryDirectory() as tmp, PeakRSS() as mem:
-                start = time.perf_counter()
-                train(config, Path(tmp) / "M")
-                seconds = time.perf_counter() - start
-        finally:
-            shared.scored_positions_only = scored_positions_only
-        section = getattr(config, stage)
-        print(f"  {stage.upper()} {name:<40} {n / seconds:.3f} {unit}/s ({n} {unit}, batch {section.batch_size}, "
-              f"micro-batch {section.micro_batch_size}, {seconds:.0f} s, {mem})", flush=True)
-        rows.append({"setting": name, "precision": precision, unit: n, "seconds": round(seconds, 1),
-                     f"{unit}_per_s": round(n / seconds, 3), **mem.figures})
-    for row in rows[1:]:
-        row["ratio_vs_trl"] = round(row[f"{unit}_per_s"] / rows[0][f"{unit}_per_s"], 2)
-    rows[3]["ratio_vs_fp32"] = round(rows[3][f"{unit}_per_s"] / rows[2][f"{unit}_per_s"], 2)
-    rows[3]["ratio_vs_sdpa"] = round(rows[3][f"{unit}_per_s"] / rows[1][f"{unit}_per_s"], 2)
-    return rows
+        train(config, Path(tmp) / "M", k=2)
+    with TemporaryDirectory() as tmp, PeakRSS() as mem:
+        start = time.perf_counter()
+        train(config, Path(tmp) / "M")
+        seconds = time.perf_counter() - start
+    section = getattr(config, stage)
+    from srlm.training import training_arguments
+
+    used = "bf16" if training_arguments(section, work_dir=Path("."), device=device, seed=0)["bf16"] else "fp32"
+    print(json.dumps({"setting": name, "precision": used, "malloc": malloc, unit: n, "seconds": round(seconds, 1),
+                      f"{unit}_per_s": round(n / seconds, 3), "batch_size": section.batch_size,
+                      "micro_batch_size": section.micro_batch_size, **mem.figures}), flush=True)
 
 
 # The keys of each section of the results file.
@@ -483,9 +514,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results file, updated in place (default: results/speed.json on a "
                                                  "CPU, results/speed-<device type>.json elsewhere)")
     parser.add_argument("--vllm-worker", metavar="MODEL_PATH", help=argparse.SUPPRESS)
+    parser.add_argument("--training-worker", nargs=3, metavar=("STAGE", "ROW", "MODEL_PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.vllm_worker:
         vllm_worker(args.vllm_worker, args.prompts, args.new_tokens, args.device)
+        return
+    if args.training_worker:
+        stage, row, path = args.training_worker
+        training_worker(stage, int(row), path, args.prompts, args.device)
         return
 
     import torch

@@ -643,7 +643,10 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.func not in (cmd_pairs, cmd_config, cmd_data_validate, cmd_report):
+        from .allocator import keep_freed_memory
+
         _quiet_libraries()
+        keep_freed_memory()  # before any tensor is allocated: the model's weights then come from the heap too
     try:
         return args.func(args)
     except SrlmError as e:

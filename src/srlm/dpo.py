@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .allocator import tensor_stage
 from .records import Pair
 
 
@@ -23,6 +24,7 @@ def dpo_rows(pairs: Sequence[Pair]) -> list[dict]:
     ]
 
 
+@tensor_stage
 def train_dpo(
     model_path: Path | str,
     pairs: Sequence[Pair],

@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .allocator import tensor_stage
 from .errors import InputError
 from .judging import PAPER_TEMPLATE, judge_request
 from .records import EFTExample, IFTExample
@@ -44,6 +45,7 @@ def drop_overlong(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
     return kept
 
 
+@tensor_stage
 def train_sft(
     model_path: Path | str,
     ift: Sequence[IFTExample],
