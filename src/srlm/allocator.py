@@ -30,7 +30,8 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 
 TRIM_THRESHOLD = 2**31 - 1  # the largest an int holds: never trim the heap's top
-# Only allocations above 1 GiB get their own mapping. glibc before 2.35 refuses more than 32 MiB (half its heap size).
+# Only allocations above 1 GiB get their own mapping. mallopt(3) gives 32 MiB as the ceiling on 64-bit; glibc 2.36
+# takes 1 GiB (tests/test_allocator.py sees a 64 MiB block come from the heap), and where it is refused, 32 MiB.
 MMAP_THRESHOLDS = (2**30, 2**25)
 
 _tuned: bool | None = None
