@@ -67,7 +67,7 @@ def tensor_stage(stage):
         keep_freed_memory()
         try:
             return stage(*args, **kwargs)
-        finally:  # the stage's frame is gone here, and with it its model, trainer and batches
+        finally:  # on return the stage's frame, and with it its model, trainer and batches, is gone
             release_freed_memory()
 
     return run

@@ -646,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         from .allocator import keep_freed_memory
 
         _quiet_libraries()
-        keep_freed_memory()  # before any tensor is allocated: the model's weights then come from the heap too
+        keep_freed_memory()  # process-wide, so set once here: generation and judging reuse freed buffers too
     try:
         return args.func(args)
     except SrlmError as e:
