@@ -19,6 +19,13 @@ def test_every_stage_has_help(command):
     assert "usage: srlm " + command in done.stdout
 
 
+def test_help_names_the_environment_variables_srlm_reads():
+    done = srlm("--help")
+    assert done.returncode == 0
+    for variable in ("SRLM_CACHE", "SRLM_MALLOC=system"):
+        assert f"\n  {variable} " in done.stdout
+
+
 def test_config_list_explains_every_key(capsys):
     assert main(["config", "--list"]) == 0
     out = capsys.readouterr().out

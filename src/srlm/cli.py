@@ -18,6 +18,13 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 
 EPILOG = "Every config key (see `srlm config --list`) can be set with --set section.key=value."
 
+ENVIRONMENT = """
+environment:
+  SRLM_CACHE           where the embedded model's converted checkpoint is kept (default ~/.cache/srlm)
+  SRLM_MALLOC=system   leave glibc's malloc as it is (otherwise srlm has it keep freed memory for reuse, and
+                       gives a training stage's back when the stage ends; see srlm/allocator.py)
+"""
+
 
 def _config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration (preset < --config < --set)")
@@ -405,9 +412,10 @@ def cmd_config(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="srlm",
-        description="Self-Rewarding Language Models (Yuan et al., 2024): a model writes prompts, answers them, "
+        description="Self-Rewarding Language Models (Yuan et al., 2024): a model writes prompts, answers them,\n"
                     "judges its answers, and trains on its own preferences with DPO.",
-        epilog=EPILOG,
+        epilog=EPILOG + "\n" + ENVIRONMENT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = argparse.ArgumentDefaultsHelpFormatter
