@@ -328,11 +328,12 @@ def test_make_generator_builds_the_openai_backend(monkeypatch):
 
 @pytest.mark.parametrize("growing_cache", [True, False])  # False: transformers' own cache (sliding-window models)
 @pytest.mark.parametrize("stop", [(), ("ec", "hath", "yy", "3 3", "na ba")])
-@pytest.mark.parametrize("rubric_lines,new_tokens", [(1, 12), (6, 90)])
+@pytest.mark.parametrize("rubric_lines,new_tokens,prefill_tokens", [(1, 12, None), (6, 90, None), (6, 90, 12)])
 def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, device, stop, growing_cache, rubric_lines,
-                                                          new_tokens):
-    """Prefix sharing, duplicate prompts, rows leaving the batch (the stop strings end rows at different steps)
-    and the growing cache change no token of greedy decoding. Stop strings are matched against the output alone, as
+                                                          new_tokens, prefill_tokens):
+    """Prefix sharing, duplicate prompts, rows leaving the batch (the stop strings end rows at different steps),
+    the growing cache and prefill in passes of like-length rows (a budget of 12 tokens splits every batch here)
+    change no token of greedy decoding. Stop strings are matched against the output alone, as
     OpenAI's API does (generate's stop_strings also match across the end of the prompt), so they are applied here
     to generate's plain greedy tokens. The long case trims the cache's spare room when rows leave and grows it again
     afterwards."""
@@ -341,6 +342,8 @@ def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, device, st
     gen = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), device, batch_size=8)
     if not growing_cache:
         gen._layer_class = None
+    if prefill_tokens:
+        gen.prefill_tokens = prefill_tokens
     rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n" * rubric_lines
     shared = [rubric + q for q in ("Q: 1 2 3", "Q: apple banana", "Q: judge the", "Q: 1 2 3", "Q: capital of France",
                                    "Q: what")]
@@ -363,6 +366,42 @@ def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, device, st
             assert (completion.text, completion.n_tokens) == (expected.strip(), len(new))
     if stop:
         assert {c.truncated for c in gen.generate(shared, params)} == {True, False}  # rows ended at different steps
+
+
+@pytest.mark.parametrize("rubric_lines", [0, 3])
+def test_hf_prefill_in_like_length_passes_leaves_what_one_padded_pass_does(tiny_model, device, rubric_lines):
+    """Rows prefilled in several passes and laid side by side give the logits, and a cache the next step reads, of
+    one pass that pads every row to the longest: each row's keys and values sit at its own positions."""
+    import torch
+
+    gen = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), device, batch_size=8)
+    rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n" * rubric_lines
+    texts = [rubric + q for q in ("Q: 1 2 3", "Q: apple banana apple banana apple banana", "Q: the", "Q: 1 2 3",
+                                  "Q: capital of France, then of Spain and of Italy")]
+    passes = []
+    encode = gen._encode
+    gen._encode = lambda prefix, rows: passes.append(len(rows)) or encode(prefix, rows)
+
+    def prefill_and_step(budget: int):
+        gen.prefill_tokens, gen._prefix_cache = budget, None
+        passes.clear()
+        with torch.inference_mode():
+            cache, logits, mask, position, row_texts = gen._prefill(texts, room=1)
+            assert sorted(row_texts) == list(range(len(texts)))
+            step = torch.tensor([[7 + i] for i in row_texts], device=device)  # the same token after the same text
+            mask = torch.cat([mask, torch.ones(len(texts), 1, dtype=mask.dtype, device=device)], dim=-1)
+            after = gen.model(input_ids=step, attention_mask=mask, position_ids=position[:, None], use_cache=True,
+                              **{gen._cache_kw: cache}).logits[:, -1]
+        in_text_order = torch.tensor(row_texts, device=device).argsort()
+        return logits[in_text_order], after[in_text_order], position[in_text_order]
+
+    one = prefill_and_step(1 << 20)
+    assert passes == [4]  # the duplicate is encoded once
+    split = prefill_and_step(12)
+    assert len(passes) > 2
+    assert not torch.equal(one[1][0], one[1][1])  # rows differ: a row in another's place would be seen
+    for a, b in zip(one, split):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_hf_sampled_token_logprobs_are_the_untempered_distribution(tiny_model, device):

@@ -97,7 +97,18 @@ def _growing_layer_class():
     class GrowingLayer(DynamicLayer):
         """A key/value cache layer that writes new tokens into spare capacity (doubling when full) and hands out
         views, instead of concatenating the whole cache at every step: that copy was a quarter of a decoding step's
-        time at batch 128 (bench/speed.py)."""
+        time at batch 128 (bench/speed.py). `room`, where the caller knows it, is the number of tokens to leave
+        room for beyond the first update, so that the first allocation is the last."""
+
+        def __init__(self, room: int | None = None):
+            super().__init__()
+            self.room = room
+
+        def adopt(self, keys, values, n: int) -> None:
+            """Take `keys` and `values` (batch, heads, capacity, dim), their first `n` positions filled, as storage."""
+            self.lazy_initialization(keys, values)
+            self._k, self._v, self._n = keys, values, n
+            self.keys, self.values = keys[:, :, :n], values[:, :, :n]
 
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
@@ -107,7 +118,8 @@ def _growing_layer_class():
             n, new = self._n, key_states.shape[-2]
             if self._k is None or n + new > self._k.shape[-2]:
                 batch, heads, _, dim = key_states.shape
-                capacity = max(64, 2 * (n + new))
+                capacity = max(64, 2 * (n + new)) if self.room is None else n + new + self.room
+                self.room = None
                 k, v = key_states.new_empty(batch, heads, capacity, dim), value_states.new_empty(batch, heads,
                                                                                                  capacity, dim)
                 if n:
@@ -174,6 +186,9 @@ class HFGenerator:
         self.model = load_model(model_path, model_config, device).eval()
         self.device = device
         self.batch_size = batch_size
+        import torch
+
+        self.prefill_tokens = PREFILL_TOKENS.get(torch.device(device).type, PREFILL_TOKENS_DEFAULT)
         eos = self.model.generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
@@ -210,36 +225,91 @@ class HFGenerator:
                 results[i] = self._completion(tokens, ended, logprobs, params)
         return results  # type: ignore[return-value]
 
-    def _new_cache(self):
+    def _new_cache(self, room: int | None = None):
+        """An empty cache; `room`: the tokens it will hold beyond the first update, where known (`GrowingLayer`)."""
         from transformers import DynamicCache
         from transformers.cache_utils import Cache
 
         if self._layer_class is None:
             return DynamicCache(config=self.model.config)
-        return Cache(layer_class_to_replicate=self._layer_class)
+        return Cache(layer_class_to_replicate=lambda: self._layer_class(room))
 
-    def _prefill(self, texts: list[str]):
-        """Encode a batch: (cache, logits of each row's last token, attention mask, next position per row).
+    def _prefill(self, texts: list[str], room: int):
+        """Encode a batch, with room in its cache for `room` more tokens: (cache, logits of each row's last token,
+        attention mask, next position per row, the index in `texts` of each row).
 
         Identical texts are encoded once and their cache rows copied; the text all of them start with is encoded
         once per stage (kept in `_prefix_cache`) and shared. Pads sit between that prefix and each row's rest,
-        masked, with positions that skip them, so every row's last token is in the last column."""
+        masked, with positions that skip them, so every row's last token is in the last column. Rows are prefilled
+        in passes of rows of like length (`length_groups`), whose caches are then laid side by side: one pass
+        padding every row to the longest spent 40% of the prefill of 256 chat prompts, in batches of 64, on pads
+        (bench/speed.py)."""
         import torch
 
         unique = list(dict.fromkeys(texts))
-        where = [unique.index(t) for t in texts] if len(unique) < len(texts) else None
-        cache, logits, mask, following = self._encode(*self._tokenize(unique))
-        if where is not None:
-            select = torch.tensor(where, device=self.device)
+        prefix, rows = self._tokenize(unique)
+        number = {t: u for u, t in enumerate(unique)}
+        texts_of: list[list[int]] = [[] for _ in unique]  # unique row -> the texts that are it
+        for i, t in enumerate(texts):
+            texts_of[number[t]].append(i)
+        groups = length_groups([len(r) for r in rows], len(rows), self.prefill_tokens)
+        if len(groups) == 1 and len(unique) == len(texts):
+            return *self._encode(prefix, rows, room), list(range(len(texts)))
+        if self._layer_class is None:
+            # transformers' own cache layers (sliding-window models) keep what one padded pass gives them.
+            cache, logits, mask, following = self._encode(prefix, rows, room)
+            select = torch.tensor([number[t] for t in texts], device=self.device)
             cache.batch_select_indices(select)
-            logits, mask, following = logits[select], mask[select], following[select]
-        return cache, logits, mask, following
+            return cache, logits[select], mask[select], following[select], list(range(len(texts)))
+        return self._side_by_side(prefix, rows, groups, texts_of, room)
 
-    def _encode(self, prefix: list[int], rows: list[list[int]]):
-        """Prefill `prefix` + each row: (cache, last-token logits, attention mask, next position per row)."""
+    def _side_by_side(self, prefix: list[int], rows: list[list[int]], groups: list[list[int]],
+                      texts_of: list[list[int]], room: int):
+        """`_prefill`'s result from one `_encode` pass per group of `rows`, each row repeated for each of its texts:
+        the batch is in group order, and a row's copies are next to each other. Copying each pass's cache into place
+        here is the only copy: reordering rows afterwards (`batch_select_indices`) took a tenth of the prefill."""
         import torch
 
-        cache = self._new_cache()
+        parts = [self._encode(prefix, [rows[u] for u in idx]) for idx in groups]
+        counts = [torch.tensor([len(texts_of[u]) for u in idx], device=self.device) for idx in groups]
+        repeated = [None if all(len(texts_of[u]) == 1 for u in idx) else c for idx, c in zip(groups, counts)]
+        copies = lambda x, g: x if repeated[g] is None else x.repeat_interleave(repeated[g], dim=0)
+        row_texts = [t for idx in groups for u in idx for t in texts_of[u]]
+        lengths = torch.tensor([len(rows[u]) for idx in groups for u in idx for _ in texts_of[u]], device=self.device)
+        n, p, width = len(row_texts), len(prefix), max(len(r) for r in rows)
+        logits = torch.cat([copies(part[1], g) for g, part in enumerate(parts)])
+        mask = (torch.arange(p + width, device=self.device) >= p + width - lengths[:, None]).long()
+        mask[:, :p] = 1
+        layers = []
+        for pieces in zip(*(part[0].layers for part in parts)):
+            _, heads, _, dim = pieces[0].keys.shape
+            keys = pieces[0].keys.new_empty(n, heads, p + width + room, dim)
+            values = pieces[0].values.new_empty(n, heads, p + width + room, dim)
+            start = 0
+            for g, piece in enumerate(pieces):
+                k, v = copies(piece.keys, g), copies(piece.values, g)
+                end, own = start + len(k), k.shape[-2] - p
+                keys[start:end, :, :p], values[start:end, :, :p] = k[:, :, :p], v[:, :, :p]
+                # Zeros under the pads, not whatever the memory held: masked scores are dropped, but a NaN there
+                # would survive the product of its zero probability with its value.
+                rest = p + width - own  # where the row's own tokens start
+                keys[start:end, :, p:rest], values[start:end, :, p:rest] = 0, 0
+                keys[start:end, :, rest : p + width], values[start:end, :, rest : p + width] = k[:, :, p:], v[:, :, p:]
+                start = end
+                piece.keys = piece.values = piece._k = piece._v = None  # its memory goes as the batch's comes
+            layers.append(self._layer_class())
+            layers[-1].adopt(keys, values, p + width)
+        from transformers.cache_utils import Cache
+
+        return Cache(layers=layers), logits, mask, p + lengths, row_texts
+
+    def _encode(self, prefix: list[int], rows: list[list[int]], room: int = 0):
+        """Prefill `prefix` + each row, with room in the cache for `room` more tokens: (cache, last-token logits,
+        attention mask, next position per row)."""
+        import torch
+
+        width = max(len(r) for r in rows)
+        cache = self._new_cache(width + room if prefix else room)  # room beyond the first update: the prefix's
         if prefix:
             if self._prefix_cache is None or self._prefix_cache[0] != prefix:
                 encoded = self._new_cache()
@@ -248,7 +318,6 @@ class HFGenerator:
                 self._prefix_cache = (prefix, [(layer.keys.clone(), layer.values.clone()) for layer in encoded.layers])
             for i, (k, v) in enumerate(self._prefix_cache[1]):
                 cache.update(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1), i)
-        width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
         ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
@@ -264,11 +333,10 @@ class HFGenerator:
         if `params.logprobs`) for each text."""
         import torch
 
-        cache, logits, mask, position = self._prefill(texts)
+        cache, logits, mask, position, active = self._prefill(texts, params.max_new_tokens)  # batch row -> text
         tokens_of: list[list[int]] = [[] for _ in texts]
         logprobs_of: list[list[float]] | None = [[] for _ in texts] if params.logprobs else None
         ended = [False] * len(texts)
-        active = list(range(len(texts)))  # batch row -> text
         finished_rows: set[int] = set()  # rows still in the batch whose text is done
         eos = set(self.eos_ids)
         window = max((len(s) for s in params.stop), default=0) + 2
@@ -338,8 +406,7 @@ class HFGenerator:
         rows = [r + shared for r in rows]
         out: list[list[float] | None] = [None] * len(texts)
         with torch.inference_mode():
-            budget = PREFILL_TOKENS.get(torch.device(self.device).type, PREFILL_TOKENS_DEFAULT)
-            for idx in length_groups([len(r) for r in rows], self.batch_size, budget):
+            for idx in length_groups([len(r) for r in rows], self.batch_size, self.prefill_tokens):
                 _, logits, _, _ = self._encode(prefix, [rows[i] for i in idx])
                 probs = torch.softmax(logits.float(), dim=-1)[:, choice_ids]
                 for row, i in enumerate(idx):
