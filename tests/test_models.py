@@ -30,6 +30,7 @@ def sized(monkeypatch, checkpoint, device="cpu", *, total, free):
 def test_a_machine_with_room_gets_the_cap_whatever_is_free(monkeypatch, checkpoint):
     assert sized(monkeypatch, checkpoint, total=24 * GIB, free=20 * GIB) == 128
     assert sized(monkeypatch, checkpoint, total=24 * GIB, free=12 * GIB) == 128  # the same batches, run to run
+    assert sized(monkeypatch, checkpoint, total=8 * GIB, free=7 * GIB) == 128  # two fifths of 8 GiB hold 145
     assert sized(monkeypatch, checkpoint, "cuda", total=80 * GIB, free=70 * GIB) == 256
 
 
@@ -41,8 +42,9 @@ def test_the_batch_shrinks_to_what_is_free(monkeypatch, checkpoint):
 
 
 def test_total_memory_bounds_the_batch_where_free_memory_is_unknown(monkeypatch, checkpoint):
-    # A fifth of 1 GiB holds 9 sequences: 8.
-    assert sized(monkeypatch, checkpoint, total=GIB, free=None) == 8
+    # Two fifths of 1 GiB hold 18 sequences: 16.
+    assert int(0.4 * GIB // PER_SEQUENCE) == 18
+    assert sized(monkeypatch, checkpoint, total=GIB, free=None) == 16
 
 
 def test_this_machine_reports_its_free_memory():
