@@ -92,15 +92,24 @@ def requests_for(n: int) -> list[list[dict]]:
     return [[{"role": "user", "content": p}] for p in (prompts * (n // len(prompts) + 1))[:n]]
 
 
-def naive_generate(model_path, requests, new_tokens: int, device: str) -> int:
+def naive_setting(model_path, requests, new_tokens: int, device: str):
     """The baseline: what srlm did before issue 5 (transformers generate with its own top-p sampling, fp32, batches
-    of 16 sorted by length). Returns the number of new tokens up to each sequence's end."""
+    of 16 sorted by length). Returns a function that runs it (warmed up, as srlm's settings are) and returns the
+    number of new tokens up to each sequence's end."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device).eval()
+    run = lambda requests, new_tokens: naive_generate(model, tokenizer, requests, new_tokens, device)
+    run(requests[:2], 4)
+    return lambda: run(requests, new_tokens)
+
+
+def naive_generate(model, tokenizer, requests, new_tokens: int, device: str) -> int:
+    import torch
+
     texts = sorted((tokenizer.apply_chat_template(r, tokenize=False, add_generation_prompt=True) for r in requests),
                    key=len)
     eos = tokenizer.eos_token_id
@@ -141,18 +150,32 @@ def hf_setting(model_path, requests, new_tokens: int, dtype: str | None, batch: 
         out = generator.generate(requests, SamplingParams(max_new_tokens=new_tokens, seed=0, **SAMPLING))
         return sum(c.n_tokens for c in out)
 
-    return run, config.generation
+    return run, config.generation.batch_size, str(generator.model.dtype).removeprefix("torch.")
+
+
+# What generation is timed in: (name, dtype, batch size); no dtype is the naive baseline. The last row is `srlm run`'s.
+GENERATION_SETTINGS = (("naive: transformers generate, fp32, batch 16", None, 16),
+                       ("srlm hf, fp32, batch 16", "float32", 16),
+                       ("srlm hf, bf16, batch 64", "bfloat16", 64),
+                       ("srlm hf, srlm run's default (auto)", "auto", "auto"))
 
 
 def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None, device: str) -> list[dict]:
-    requests = requests_for(n)
-    rows = [timed("naive: transformers generate, fp32, batch 16", lambda: naive_generate(model_path, requests,
-                                                                                        new_tokens, device))]
-    for label, dtype, batch in (("srlm hf, fp32, batch 16", "float32", 16), ("srlm hf, bf16, batch 64", "bfloat16", 64),
-                                ("srlm hf, srlm run's default (auto)", None, "auto")):
-        run, settings = hf_setting(model_path, requests, new_tokens, dtype, batch, device)
-        row = timed(f"{label}", run)
-        row.update(backend="hf", batch_size=settings.batch_size, dtype=dtype or "auto")
+    """Tokens/s of each GENERATION_SETTINGS row, each in a fresh process (generation_worker) as vLLM's rows are: in
+    one process the default row, measured after three others, came out 10% below its standalone runs (runs 10, 11),
+    and srlm's rows get malloc as the srlm command sets it (allocator.py) while the baseline keeps glibc's."""
+    rows = []
+    for index, (name, *_rest) in enumerate(GENERATION_SETTINGS):
+        env = {k: v for k, v in os.environ.items() if k != "SRLM_MALLOC"}
+        out = subprocess.run([sys.executable, __file__, "--generation-worker", str(index), str(model_path),
+                              "--prompts", str(n), "--new-tokens", str(new_tokens), "--device", device],
+                             capture_output=True, text=True, env=env)
+        found = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        if out.returncode or not found:
+            raise RuntimeError(f"generation row {name!r} failed:\n{out.stderr[-3000:]}")
+        row = json.loads(found[-1])
+        print(f"  {name:<44} {row['tokens_per_s']:7.1f} tok/s  ({row['tokens']} tokens, {row['seconds']:.0f} s, "
+              f"batch {row['batch_size']}, {row['dtype']}, peak RSS {row['peak_rss_gib']} GiB)", flush=True)
         rows.append(row)
     if vllm_python is not None and vllm_python.exists():
         from srlm.models import cpu_has_native_bf16
@@ -180,6 +203,24 @@ def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None, de
         default["ratio_vs_vllm"] = round(default["tokens_per_s"] / best["tokens_per_s"], 2)
         print(f"  srlm's default vs {best['setting']}: {default['ratio_vs_vllm']}x", flush=True)
     return rows
+
+
+def generation_worker(index: int, model_path: str, n: int, new_tokens: int, device: str) -> None:
+    """One GENERATION_SETTINGS row, in this process (srlm's rows warmed up first); prints a JSON row."""
+    name, dtype, batch = GENERATION_SETTINGS[index]
+    requests = requests_for(n)
+    if dtype is None:
+        row = timed(name, naive_setting(model_path, requests, new_tokens, device))
+        row.update(backend="transformers", batch_size=batch, dtype="float32")
+    else:
+        from srlm.allocator import keep_freed_memory
+
+        keep_freed_memory()  # as the srlm command does for every model stage (cli.main)
+        run, batch, used = hf_setting(model_path, requests, new_tokens, None if dtype == "auto" else dtype, batch,
+                                      device)
+        row = timed(name, run)
+        row.update(backend="hf", batch_size=batch, dtype=used)
+    print(json.dumps(row), flush=True)
 
 
 def vllm_worker(model_path: str, n: int, new_tokens: int, device: str, dtype: str) -> None:
@@ -525,10 +566,15 @@ def main() -> None:
                                                  "CPU, results/speed-<device type>.json elsewhere)")
     parser.add_argument("--vllm-worker", metavar="MODEL_PATH", help=argparse.SUPPRESS)
     parser.add_argument("--vllm-dtype", default="bfloat16", help=argparse.SUPPRESS)
+    parser.add_argument("--generation-worker", nargs=2, metavar=("ROW", "MODEL_PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--training-worker", nargs=3, metavar=("STAGE", "ROW", "MODEL_PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.vllm_worker:
         vllm_worker(args.vllm_worker, args.prompts, args.new_tokens, args.device, args.vllm_dtype)
+        return
+    if args.generation_worker:
+        row, path = args.generation_worker
+        generation_worker(int(row), path, args.prompts, args.new_tokens, args.device)
         return
     if args.training_worker:
         stage, row, path = args.training_worker
