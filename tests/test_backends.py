@@ -380,7 +380,7 @@ def test_hf_prefill_in_like_length_passes_leaves_what_one_padded_pass_does(tiny_
                                   "Q: capital of France, then of Spain and of Italy")]
     passes = []
     encode = gen._encode
-    gen._encode = lambda prefix, rows: passes.append(len(rows)) or encode(prefix, rows)
+    gen._encode = lambda prefix, rows, *room: passes.append(len(rows)) or encode(prefix, rows, *room)
 
     def prefill_and_step(budget: int):
         gen.prefill_tokens, gen._prefix_cache = budget, None

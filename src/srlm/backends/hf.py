@@ -186,9 +186,7 @@ class HFGenerator:
         self.model = load_model(model_path, model_config, device).eval()
         self.device = device
         self.batch_size = batch_size
-        import torch
-
-        self.prefill_tokens = PREFILL_TOKENS.get(torch.device(device).type, PREFILL_TOKENS_DEFAULT)
+        self.prefill_tokens = PREFILL_TOKENS.get(device.split(":")[0], PREFILL_TOKENS_DEFAULT)
         eos = self.model.generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
@@ -271,9 +269,9 @@ class HFGenerator:
         import torch
 
         parts = [self._encode(prefix, [rows[u] for u in idx]) for idx in groups]
-        counts = [torch.tensor([len(texts_of[u]) for u in idx], device=self.device) for idx in groups]
-        repeated = [None if all(len(texts_of[u]) == 1 for u in idx) else c for idx, c in zip(groups, counts)]
-        copies = lambda x, g: x if repeated[g] is None else x.repeat_interleave(repeated[g], dim=0)
+        counts = [[len(texts_of[u]) for u in idx] for idx in groups]
+        repeats = [torch.tensor(c, device=self.device) if max(c) > 1 else None for c in counts]
+        copies = lambda x, g: x if repeats[g] is None else x.repeat_interleave(repeats[g], dim=0)
         row_texts = [t for idx in groups for u in idx for t in texts_of[u]]
         lengths = torch.tensor([len(rows[u]) for idx in groups for u in idx for _ in texts_of[u]], device=self.device)
         n, p, width = len(row_texts), len(prefix), max(len(r) for r in rows)
@@ -309,7 +307,7 @@ class HFGenerator:
         import torch
 
         width = max(len(r) for r in rows)
-        cache = self._new_cache(width + room if prefix else room)  # room beyond the first update: the prefix's
+        cache = self._new_cache(width + room if prefix else room)  # the first update is the prefix, if any
         if prefix:
             if self._prefix_cache is None or self._prefix_cache[0] != prefix:
                 encoded = self._new_cache()
