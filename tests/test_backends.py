@@ -386,12 +386,12 @@ def test_hf_prefill_in_like_length_passes_leaves_what_one_padded_pass_does(tiny_
         gen.prefill_tokens, gen._prefix_cache = budget, None
         passes.clear()
         with torch.inference_mode():
-            cache, logits, mask, position, row_texts = gen._prefill(texts, room=1)
+            cache, logits, mask, position, row_texts, shared = gen._prefill(texts, room=1)
             assert sorted(row_texts) == list(range(len(texts)))
             step = torch.tensor([[7 + i] for i in row_texts], device=device)  # the same token after the same text
             mask = torch.cat([mask, torch.ones(len(texts), 1, dtype=mask.dtype, device=device)], dim=-1)
             after = gen.model(input_ids=step, attention_mask=mask, position_ids=position[:, None], use_cache=True,
-                              **{gen._cache_kw: cache}).logits[:, -1]
+                              **{gen._cache_kw: cache}, **({} if shared is None else {"cascade": shared})).logits[:, -1]
         in_text_order = torch.tensor(row_texts, device=device).argsort()
         return logits[in_text_order], after[in_text_order], position[in_text_order]
 

@@ -98,11 +98,15 @@ def _growing_layer_class():
         """A key/value cache layer that writes new tokens into spare capacity (doubling when full) and hands out
         views, instead of concatenating the whole cache at every step: that copy was a quarter of a decoding step's
         time at batch 128 (bench/speed.py). `room`, where the caller knows it, is the number of tokens to leave
-        room for beyond the first update, so that the first allocation is the last."""
+        room for beyond the first update, so that the first allocation is the last. `offset`: tokens that precede
+        these and are held elsewhere (a decoding batch's prompts, in `cascade.SharedRows`)."""
 
-        def __init__(self, room: int | None = None):
+        def __init__(self, room: int | None = None, offset: int = 0):
             super().__init__()
-            self.room = room
+            self.room, self.offset = room, offset
+
+        def get_seq_length(self) -> int:
+            return self.offset + (self._n if self.is_initialized else 0)
 
         def adopt(self, keys, values, n: int) -> None:
             """Take `keys` and `values` (batch, heads, capacity, dim), their first `n` positions filled, as storage."""
@@ -198,6 +202,14 @@ class HFGenerator:
         sliding = getattr(config, "sliding_window", None) or any(
             t != "full_attention" for t in (getattr(config, "layer_types", None) or []))
         self._layer_class = None if sliding else _growing_layer_class()
+        # Rows that continue the same prompt (k judgments, N candidates) share its keys and values while decoding
+        # (`cascade`), where attention reads memory rather than computes: measured on CPUs only.
+        self._cascade = (self._layer_class is not None and device == "cpu"
+                         and self.model.config._attn_implementation == "sdpa")
+        if self._cascade:
+            from .cascade import register
+
+            self.model.set_attn_implementation(register())
         # transformers renamed forward's `past_key_values` to `cache` (5.2x); pass whichever this version takes.
         import inspect
 
@@ -234,7 +246,7 @@ class HFGenerator:
 
     def _prefill(self, texts: list[str], room: int):
         """Encode a batch, with room in its cache for `room` more tokens: (cache, logits of each row's last token,
-        attention mask, next position per row, the index in `texts` of each row).
+        attention mask, next position per row, the index in `texts` of each row, `SharedRows` or None).
 
         Identical texts are encoded once and their cache rows copied; the text all of them start with is encoded
         once per stage (kept in `_prefix_cache`) and shared. Pads sit between that prefix and each row's rest,
@@ -252,14 +264,26 @@ class HFGenerator:
             texts_of[number[t]].append(i)
         groups = length_groups([len(r) for r in rows], len(rows), self.prefill_tokens)
         if len(groups) == 1 and len(unique) == len(texts):
-            return *self._encode(prefix, rows, room), list(range(len(texts)))
+            return *self._encode(prefix, rows, room), list(range(len(texts))), None
         if self._layer_class is None:
             # transformers' own cache layers (sliding-window models) keep what one padded pass gives them.
             cache, logits, mask, following = self._encode(prefix, rows, room)
             select = torch.tensor([number[t] for t in texts], device=self.device)
             cache.batch_select_indices(select)
-            return cache, logits[select], mask[select], following[select], list(range(len(texts)))
-        return self._side_by_side(prefix, rows, groups, texts_of, room)
+            return cache, logits[select], mask[select], following[select], list(range(len(texts))), None
+        if not self._cascade or len(unique) == len(texts):
+            return *self._side_by_side(prefix, rows, groups, texts_of, room), None
+        from transformers.cache_utils import Cache
+
+        from .cascade import SharedRows
+
+        prompts, logits, mask, following, order = self._side_by_side(prefix, rows, groups, [[u] for u in range(len(unique))], 0)
+        counts = torch.tensor([len(texts_of[u]) for u in order], device=self.device)
+        row_of = torch.repeat_interleave(torch.arange(len(order), device=self.device), counts)
+        shared = SharedRows([layer.keys for layer in prompts.layers], [layer.values for layer in prompts.layers],
+                            mask.bool(), row_of, prefix=len(prefix))
+        cache = Cache(layers=[self._layer_class(room, offset=mask.shape[1]) for _ in prompts.layers])
+        return cache, logits[row_of], mask[row_of], following[row_of], [t for u in order for t in texts_of[u]], shared
 
     def _side_by_side(self, prefix: list[int], rows: list[list[int]], groups: list[list[int]],
                       texts_of: list[list[int]], room: int):
@@ -331,7 +355,8 @@ class HFGenerator:
         if `params.logprobs`) for each text."""
         import torch
 
-        cache, logits, mask, position, active = self._prefill(texts, params.max_new_tokens)  # batch row -> text
+        cache, logits, mask, position, active, shared = self._prefill(texts, params.max_new_tokens)  # row -> text
+        extra = {} if shared is None else {"cascade": shared}
         tokens_of: list[list[int]] = [[] for _ in texts]
         logprobs_of: list[list[float]] | None = [[] for _ in texts] if params.logprobs else None
         ended = [False] * len(texts)
@@ -368,6 +393,8 @@ class HFGenerator:
                 keep = [r for r in range(len(active)) if r not in finished_rows]
                 select = torch.tensor(keep, device=self.device)
                 cache.batch_select_indices(select)
+                if shared is not None:
+                    shared.select(select)
                 mask, position = mask[select], position[select]
                 picked = [picked[r] for r in keep]
                 active = [active[r] for r in keep]
@@ -375,7 +402,7 @@ class HFGenerator:
             mask = torch.cat([mask, torch.ones(len(active), 1, dtype=mask.dtype, device=self.device)], dim=-1)
             logits = self.model(input_ids=torch.tensor(picked, device=self.device)[:, None], attention_mask=mask,
                                 position_ids=position[:, None], use_cache=True, logits_to_keep=1,
-                                **{self._cache_kw: cache}).logits[:, -1]
+                                **{self._cache_kw: cache}, **extra).logits[:, -1]
             position = position + 1
         return list(zip(tokens_of, ended, logprobs_of or [None] * len(texts)))
 
