@@ -297,9 +297,20 @@ def judging(model_path, n: int, naive: bool, device: str) -> tuple[list[dict], d
     config = load_config(overrides=[f"device={device}"])
     generator = make_generator(config, model_path)
     batch = config.generation.batch_size
+    sample = lambda out: judge(generator, prompts, candidates, out, k=3, batch_size=batch,
+                               max_new_tokens=config.judge.max_new_tokens)
+
+    def own_caches(out):
+        """Sampling as before the cascade: each row decodes over its own copy of its prompt's cache."""
+        shared, generator._cascade = getattr(generator, "_cascade", False), False
+        try:
+            return sample(out)
+        finally:
+            generator._cascade = shared
+
     modes = [
-        ("sample, k=3 (the paper's)", lambda out: judge(generator, prompts, candidates, out, k=3, batch_size=batch,
-                                                       max_new_tokens=config.judge.max_new_tokens)),
+        ("sample, k=3 (the paper's)", sample),
+        *([("sample, k=3, a cache per row", own_caches)] if getattr(generator, "_cascade", False) else []),
         *([("naive sample, k=3: generate, fp32, batch 16", lambda out: naive_judge(
             model_path, prompts, candidates, 3, config.judge.max_new_tokens, device))] if naive else []),
         ("expected, no prefix reuse", lambda out: judge_expected(generator, prompts, candidates, out, batch_size=batch,
@@ -323,7 +334,7 @@ def judging(model_path, n: int, naive: bool, device: str) -> tuple[list[dict], d
             print(f"  {name:<30} {len(candidates) / seconds:7.2f} candidates/s {len(judgments) / seconds:7.2f} "
                   f"judgments/s  ({len(judgments)} judgments, {failed} failed, {seconds:.0f} s, {mem})",
                   flush=True)
-    baselines = {"sample": rows[0], **({"naive_sample": rows[1]} if naive else {})}
+    baselines = {"sample": rows[0], **{"naive_sample": r for r in rows if r["mode"].startswith("naive")}}
     for row in rows:
         for key, base in baselines.items():
             row[f"candidates_per_s_vs_{key}"] = round(row["candidates_per_s"] / base["candidates_per_s"], 1)
