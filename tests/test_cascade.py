@@ -93,3 +93,14 @@ def test_hf_decoding_of_repeated_prompts_goes_through_the_cascade_and_matches_wi
     for a, b in zip(with_cascade, without):
         torch.testing.assert_close(torch.tensor(a.token_logprobs), torch.tensor(b.token_logprobs), rtol=1e-4, atol=1e-4)
     assert len({c.n_tokens for c in with_cascade}) > 1
+
+
+def test_hf_uses_the_cascade_only_where_it_was_measured(tiny_model, device):
+    """fp32 on a CPU; bf16 decodes as before (the cascade's scores would be rounded to bf16)."""
+    if device != "cpu":
+        pytest.skip("the cascade is used on CPUs")
+    fp32 = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), device)
+    bf16 = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="bfloat16"), device)
+    assert fp32._cascade and not bf16._cascade
+    params = SamplingParams(temperature=0.7, max_new_tokens=4, seed=1)
+    assert len(bf16.generate(["Q: 1 2 3", "Q: 1 2 3"], params)) == 2

@@ -203,8 +203,11 @@ class HFGenerator:
             t != "full_attention" for t in (getattr(config, "layer_types", None) or []))
         self._layer_class = None if sliding else _growing_layer_class()
         # Rows that continue the same prompt (k judgments, N candidates) share its keys and values while decoding
-        # (`cascade`), where attention reads memory rather than computes: measured on CPUs only.
-        self._cascade = (self._layer_class is not None and device == "cpu"
+        # (`cascade`). Measured on a CPU in fp32 only: in bf16 its scores would be rounded to bf16, where sdpa's
+        # kernel keeps them in fp32, and its speed there is unmeasured.
+        import torch
+
+        self._cascade = (self._layer_class is not None and device == "cpu" and self.model.dtype == torch.float32
                          and self.model.config._attn_implementation == "sdpa")
         if self._cascade:
             from .cascade import register
