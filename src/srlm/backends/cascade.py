@@ -59,9 +59,9 @@ class SharedRows:
         if len(live) < len(mask):
             self.keys = [k.index_select(0, live) for k in self.keys]
             self.values = [v.index_select(0, live) for v in self.values]
-            # Their own copy, so that the batch's first storage can go.
-            self.prefix_keys = [k.clone() for k in self.prefix_keys]
-            self.prefix_values = [v.clone() for v in self.prefix_values]
+            if self.prefix_keys[0]._base is not None:  # a view still: its own copy, so the first storage can go
+                self.prefix_keys = [k.clone() for k in self.prefix_keys]
+                self.prefix_values = [v.clone() for v in self.prefix_values]
             mask, row_of = mask[live], torch.searchsorted(live, row_of)
         self._index(mask, row_of)
 

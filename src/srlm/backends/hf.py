@@ -256,7 +256,8 @@ class HFGenerator:
         masked, with positions that skip them, so every row's last token is in the last column. Rows are prefilled
         in passes of rows of like length (`length_groups`), whose caches are then laid side by side: one pass
         padding every row to the longest spent 40% of the prefill of 256 chat prompts, in batches of 64, on pads
-        (bench/speed.py)."""
+        (bench/speed.py). With the cascade (`_cascade`) and repeated texts, the prompts stay in `SharedRows`, one
+        copy each, and the cache returned is empty but for room for what rows decode."""
         import torch
 
         unique = list(dict.fromkeys(texts))
@@ -280,7 +281,9 @@ class HFGenerator:
 
         from .cascade import SharedRows
 
-        prompts, logits, mask, following, order = self._side_by_side(prefix, rows, groups, [[u] for u in range(len(unique))], 0)
+        # Each distinct prompt prefilled once and kept once (no room: rows decode into their own cache).
+        once = [[u] for u in range(len(unique))]
+        prompts, logits, mask, following, order = self._side_by_side(prefix, rows, groups, once, 0)
         counts = torch.tensor([len(texts_of[u]) for u in order], device=self.device)
         row_of = torch.repeat_interleave(torch.arange(len(order), device=self.device), counts)
         shared = SharedRows([layer.keys for layer in prompts.layers], [layer.values for layer in prompts.layers],
