@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from srlm.backends import HFGenerator, SamplingParams
+from srlm.backends.cascade import MODEL_TYPES
 from srlm.config import ModelConfig
 
 torch = pytest.importorskip("torch")
@@ -66,14 +67,37 @@ def test_shared_rows_select_keeps_rows_and_drops_prompts_no_row_continues():
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_hf_decoding_of_repeated_prompts_goes_through_the_cascade_and_matches_without(tiny_model, device):
+def _tiny_of_type(tiny_model, model_type: str, directory):
+    """The tiny test model's shapes and tokenizer as another architecture, randomly initialised."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if model_type == "llama":
+        return tiny_model
+    base = AutoConfig.from_pretrained(tiny_model).to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "head_dim", "pad_token_id", "eos_token_id",
+            "bos_token_id", "tie_word_embeddings")
+    config = AutoConfig.for_model(model_type, **{k: base[k] for k in keep if base.get(k) is not None})
+    config.sliding_window = None  # full attention (Mistral's default window would send it to transformers' cache)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_hf_decoding_of_repeated_prompts_goes_through_the_cascade_and_matches_without(tiny_model, device, model_type,
+                                                                                      tmp_path):
     """A batch of repeated prompts (a judge's k samples) decodes through SharedRows, rows leave the batch as they
-    stop, and the sampled tokens and their log-probabilities are those of decoding without it."""
+    stop, and the sampled tokens and their log-probabilities are those of decoding without it: for each
+    architecture the cascade is used with."""
     if device != "cpu":
         pytest.skip("the cascade is used on CPUs")
     from srlm.backends import cascade
 
-    gen = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), device, batch_size=16)
+    model = _tiny_of_type(tiny_model, model_type, tmp_path)
+    gen = HFGenerator(model, ModelConfig(name_or_path=str(model), dtype="float32"), device, batch_size=16)
+    assert gen.model.config.model_type == model_type
     assert gen._cascade
     rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n"
     texts = [rubric + q for q in ("Q: 1 2 3", "Q: apple banana", "Q: judge the") for _ in range(3)] + [rubric + "Q: alone"]

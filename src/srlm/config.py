@@ -72,8 +72,8 @@ class GenerationConfig(Section):
     )
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
         "auto", description="Sequences per forward pass when sampling, and the unit a stage writes and resumes by. "
-        "auto: as many as a fifth of the device's memory holds key/value caches for, at most 128 on a CPU and 256 on "
-        "a GPU (srlm run records the number in config.yaml).")
+        "auto: as many as two fifths of the device's memory (and half of what is free) hold key/value caches for, "
+        "at most 128 on a CPU and 256 on a GPU (srlm run records the number in config.yaml).")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of sampling (training keeps model.dtype). auto: model.dtype when set, else bf16 on "
         "GPUs and on CPUs with AMX or AVX-512 BF16 (2x fp32 there), else fp32.")

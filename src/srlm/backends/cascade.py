@@ -17,6 +17,9 @@ attention). Without that keyword (prefill, scoring) it is transformers' sdpa, un
 from __future__ import annotations
 
 NAME = "srlm_cascade"
+# Architectures whose attention is what `SharedRows.attend` computes (grouped-query softmax attention, no soft-capping,
+# sinks or position biases), each checked against sdpa in tests/test_cascade.py.
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 class SharedRows:

@@ -207,11 +207,11 @@ class HFGenerator:
         # kernel keeps them in fp32, and its speed there is unmeasured.
         import torch
 
-        self._cascade = (self._layer_class is not None and device == "cpu" and self.model.dtype == torch.float32
-                         and self.model.config._attn_implementation == "sdpa")
-        if self._cascade:
-            from .cascade import register
+        from .cascade import MODEL_TYPES, register
 
+        self._cascade = (self._layer_class is not None and device == "cpu" and self.model.dtype == torch.float32
+                         and config.model_type in MODEL_TYPES and config._attn_implementation == "sdpa")
+        if self._cascade:
             self.model.set_attn_implementation(register())
         # transformers renamed forward's `past_key_values` to `cache` (5.2x); pass whichever this version takes.
         import inspect
