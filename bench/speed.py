@@ -301,12 +301,12 @@ def judging(model_path, n: int, naive: bool, device: str) -> tuple[list[dict], d
                                max_new_tokens=config.judge.max_new_tokens)
 
     def own_caches(out):
-        """Sampling as before the cascade: each row decodes over its own copy of its prompt's cache."""
-        shared, generator._cascade = getattr(generator, "_cascade", False), False
+        """Sampling as before the cascade (a row only where it is on): each row over its own copy of its prompt."""
+        generator._cascade = False
         try:
             return sample(out)
         finally:
-            generator._cascade = shared
+            generator._cascade = True
 
     modes = [
         ("sample, k=3 (the paper's)", sample),
