@@ -46,6 +46,34 @@ def test_shared_rows_attend_as_each_row_over_its_whole_cache(copies, prefix):
     torch.testing.assert_close(ours, _whole_cache_attention(query, keys, values, mask), rtol=1e-5, atol=1e-5)
 
 
+def test_shared_rows_in_bf16_are_as_exact_as_sdpa_in_bf16():
+    """Against attention in fp32, the cascade in bf16 errs no more than sdpa in bf16 does: its fused kernels keep
+    the scores in fp32, and the parts are merged in fp32."""
+    from srlm.backends.cascade import SharedRows
+
+    gen = torch.Generator().manual_seed(2)
+    prompts, copies, kv_heads, g, dim, prefix, rest, own = 6, 3, 3, 3, 32, 40, 30, 5
+    rows = prompts * copies
+    keys, values = torch.randn(prompts, kv_heads, prefix + rest, dim, generator=gen) * 2, torch.randn(
+        prompts, kv_heads, prefix + rest, dim, generator=gen)
+    keys[:, :, :prefix], values[:, :, :prefix] = keys[:1, :, :prefix], values[:1, :, :prefix]
+    prompt_mask = torch.ones(prompts, prefix + rest, dtype=torch.bool)
+    prompt_mask[:, prefix : prefix + 4] = False
+    row_of = torch.arange(prompts).repeat_interleave(copies)
+    query = torch.randn(rows, kv_heads * g, 1, dim, generator=gen) * 2
+    own_k, own_v = torch.randn(rows, kv_heads, own, dim, generator=gen) * 2, torch.randn(rows, kv_heads, own, dim,
+                                                                                         generator=gen)
+    mask = torch.cat([prompt_mask[row_of], torch.ones(rows, own, dtype=torch.bool)], dim=1)
+    whole = lambda dtype: _whole_cache_attention(query.to(dtype), torch.cat([keys[row_of], own_k], 2).to(dtype),
+                                                 torch.cat([values[row_of], own_v], 2).to(dtype), mask).float()
+    exact = whole(torch.float32)
+    bf16 = torch.bfloat16
+    ours = SharedRows([keys.to(bf16)], [values.to(bf16)], prompt_mask, row_of, prefix).attend(
+        0, query.to(bf16), own_k.to(bf16), own_v.to(bf16), None)
+    assert ours.dtype == bf16
+    assert (ours.float() - exact).abs().max() <= 1.25 * (whole(bf16) - exact).abs().max()
+
+
 def test_shared_rows_select_keeps_rows_and_drops_prompts_no_row_continues():
     from srlm.backends.cascade import SharedRows
 
