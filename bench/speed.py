@@ -357,10 +357,14 @@ def judging(model_path, n: int, naive: bool, device: str) -> tuple[list[dict], d
           f"sample mode's candidates/s would take {ceiling['ten_x_sample_needs_ceiling_x']}x it.", flush=True)
     sampled, expected = scores[modes[0][0]], scores[modes[-1][0]]
     justified = scores["expected, after one greedy justification"]
-    both = [c.id for c in candidates if c.id in sampled and c.id in expected and c.id in justified]
+    scored = [c.id for c in candidates if c.id in sampled and c.id in expected and c.id in justified]
     human = {f"{e.id}-c": e.score for e in examples}
-    rho = lambda a, b: spearman([a[i] for i in both], [b[i] for i in both]) if len(both) > 2 else None
-    agreement = {"candidates_scored_by_both": len(both), "spearman_sample_vs_expected": rho(sampled, expected),
+
+    def rho(a: dict, b: dict) -> float | None:
+        r = spearman([a[i] for i in scored], [b[i] for i in scored]) if len(scored) > 2 else None
+        return None if r is None else round(r, 3)
+
+    agreement = {"candidates_scored_by_all": len(scored), "spearman_sample_vs_expected": rho(sampled, expected),
                  "spearman_sample_vs_expected_justified": rho(sampled, justified),
                  "spearman_expected_vs_expected_justified": rho(expected, justified),
                  "spearman_sample_vs_eft_label": rho(sampled, human),
