@@ -102,3 +102,24 @@ def test_sft_and_dpo_project_only_labelled_positions(tiny_model, tmp_path, lm_he
     # The reference log-probabilities, computed when the trainer is built, and the training steps.
     dpo_calls = lm_head.pairs[sft_calls:]
     assert len(dpo_calls) >= 2 and all(rows == labelled for rows, labelled in dpo_calls)
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_the_checkpointing_switch_reaches_trl_without_a_deprecation_warning(tmp_path, on):
+    import warnings
+
+    from trl import DPOConfig, SFTConfig
+
+    from srlm.config import RunConfig
+    from srlm.training import training_arguments
+
+    config = RunConfig()
+    for section, trl_config in ((config.sft, SFTConfig), (config.dpo, DPOConfig)):
+        section.gradient_checkpointing = on
+        kwargs = training_arguments(section, work_dir=tmp_path, device="cpu", seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FutureWarning)
+            args = trl_config(**kwargs)
+        # TRL's own default is on; what the section says must win, under the old name and the new one alike.
+        assert args.gradient_checkpointing is on
+        assert getattr(args, "activation_checkpointing", on) is on

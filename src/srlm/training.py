@@ -46,8 +46,19 @@ def training_arguments(section, *, work_dir: Path, device: str, seed: int) -> di
         dataloader_num_workers=0,
         disable_tqdm=False,
         # TRL turns checkpointing on by default; it costs ~30% more compute, which small models do not need.
-        gradient_checkpointing=section.gradient_checkpointing,
+        **{checkpointing_field(): section.gradient_checkpointing},
     )
+
+
+def checkpointing_field() -> str:
+    """The TrainingArguments field that turns activation checkpointing on: transformers 5.25 renamed
+    `gradient_checkpointing` to `activation_checkpointing` (the old name warns, and goes in v6)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 @contextlib.contextmanager
