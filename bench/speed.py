@@ -528,12 +528,16 @@ def cpu_model() -> str:
 
 
 def machine(device: str) -> dict:
+    import importlib.metadata as metadata
+
     import torch
 
     from srlm import models
 
     facts = {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
-             "native_bf16": models.cpu_has_native_bf16(), "device": device, "torch": torch.__version__}
+             "native_bf16": models.cpu_has_native_bf16(), "device": device, "torch": torch.__version__,
+             # A new release of either can move the figures: runs are compared knowing what they ran on.
+             "transformers": metadata.version("transformers"), "trl": metadata.version("trl")}
     if torch.device(device).type == "cuda":
         facts["gpu"] = torch.cuda.get_device_name(device)
     return facts
