@@ -19,6 +19,7 @@ from openai_server import OpenAIServer
 from srlm.backends import Completion, HFGenerator, OpenAIGenerator, SamplingParams, make_generator
 from srlm.config import ModelConfig, load_config
 from srlm.errors import ConfigError, ModelError
+from srlm.progress import reporting_tokens
 
 GREEDY = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=12, seed=0)
 REQUESTS = ["Hello", "apple banana", [{"role": "user", "content": "What is the capital of France?"}], "1 2 3",
@@ -111,6 +112,15 @@ def test_same_seed_same_output(generator, temperature):
 
 def test_empty_request_list(generator):
     assert generator.generate([], GREEDY) == []
+
+
+def test_reports_every_token_it_samples_to_the_progress_bar(generator):
+    # Stop strings and end-of-sequence tokens end some rows early, so rows stop counting at different steps.
+    params = SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=3, stop=("ll",))
+    reported: list[int] = []
+    with reporting_tokens(reported.append):
+        out = generator.generate(REQUESTS, params)
+    assert sum(reported) == sum(c.n_tokens for c in out) > 0
 
 
 @pytest.fixture

@@ -1,4 +1,5 @@
 """The command line: help that explains, and bad input refused with a message and a distinct exit code."""
+import argparse
 import json
 import subprocess
 import sys
@@ -17,6 +18,30 @@ def test_every_stage_has_help(command):
     done = srlm(command, "--help")
     assert done.returncode == 0
     assert "usage: srlm " + command in done.stdout
+
+
+def _subcommands(parser, path=()):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subcommands(sub, (*path, name))
+    yield path, parser
+
+
+def test_every_option_of_every_command_says_what_it_is():
+    from srlm.cli import build_parser
+
+    commands = dict(_subcommands(build_parser()))
+    assert ("eval", "judge") in commands and ("data", "validate") in commands
+    for path, parser in commands.items():
+        for action in parser._actions:
+            if action.dest == "help" or isinstance(action, argparse._SubParsersAction):
+                continue
+            assert action.help, f"srlm {' '.join(path)}: {action.option_strings or action.dest} has no help"
+        text = parser.format_help()
+        # A default shown only where it says something.
+        for noise in ("(default: None)", "(default: [])", "(default: False)"):
+            assert noise not in text, f"srlm {' '.join(path)} --help shows {noise}"
 
 
 def test_help_names_the_environment_variables_srlm_reads():

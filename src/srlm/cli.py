@@ -17,6 +17,17 @@ from .errors import OutputError, SrlmError
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 EPILOG = "Every config key (see `srlm config --list`) can be set with --set section.key=value."
+MODEL_HELP = "a model directory (a run's models/M<t>, any Hugging Face layout) or embedded:smollm2-135m-instruct"
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default where it says something: not "(default: None)" after a required or unset option,
+    nor "(default: False)" after a switch or "(default: [])" after a repeatable one."""
+
+    def _get_help_string(self, action):
+        if action.required or action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
 
 ENVIRONMENT = """
 environment:
@@ -418,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsHelp
 
     p = sub.add_parser("run", help="the whole method: M0 -> SFT -> M1 -> T self-rewarding iterations",
                        description="Run the whole method (PAPER.md §2, §4): SFT on IFT+EFT gives M1; each iteration "
@@ -433,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("sft", help="SFT a model on IFT (+EFT): M0 -> M1", epilog=EPILOG, formatter_class=fmt)
-    p.add_argument("--model", required=True, help="model directory or embedded:smollm2-135m-instruct")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--ift", type=Path, help="IFT JSONL (default: shipped seed)")
     p.add_argument("--eft", type=Path, help="EFT JSONL (default: shipped seed)")
     p.add_argument("--ift-only", action="store_true", help="train on IFT alone (the paper's SFT baseline)")
@@ -443,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prompts", help="generate new prompts few-shot, with Self-Instruct filters", epilog=EPILOG,
                        formatter_class=fmt)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--seed-prompts", type=Path, help="JSONL of IFT examples or prompts for the few-shot pool "
                                                      "(default: the IFT seed)")
     p.add_argument("--num", type=int, help="prompts to keep (default: prompts.num_prompts)")
@@ -453,26 +464,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_prompts)
 
     p = sub.add_parser("respond", help="sample N candidate responses per prompt", epilog=EPILOG, formatter_class=fmt)
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompts", type=Path, required=True)
+    p.add_argument("--model", required=True, help="M(t), the model that answers: " + MODEL_HELP)
+    p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL (`srlm prompts`' output)")
     p.add_argument("--out", type=Path, required=True, help="candidates JSONL to write")
     _config_options(p)
     p.set_defaults(func=cmd_respond)
 
     p = sub.add_parser("judge", help="judge every candidate k times with the LLM-as-a-Judge prompt", epilog=EPILOG,
                        formatter_class=fmt)
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--candidates", type=Path, required=True)
+    p.add_argument("--model", required=True, help="M(t), the model that judges: " + MODEL_HELP)
+    p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL the candidates answer")
+    p.add_argument("--candidates", type=Path, required=True, help="candidates JSONL (`srlm respond`'s output)")
     p.add_argument("--out", type=Path, required=True, help="judgments JSONL to write")
     _config_options(p)
     p.set_defaults(func=cmd_judge)
 
     p = sub.add_parser("pairs", help="best-vs-worst preference pairs from judgments (ties dropped)",
                        formatter_class=fmt)
-    p.add_argument("--prompts", type=Path, required=True)
-    p.add_argument("--candidates", type=Path, required=True)
-    p.add_argument("--judgments", type=Path, required=True)
+    p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL")
+    p.add_argument("--candidates", type=Path, required=True, help="candidates JSONL (`srlm respond`'s output)")
+    p.add_argument("--judgments", type=Path, required=True, help="judgments JSONL (`srlm judge`'s output)")
     p.add_argument("--keep-flagged", action="store_true", help="let candidates with judge-format text into pairs")
     p.add_argument("--out", type=Path, required=True, help="pairs JSONL to write")
     p.set_defaults(func=cmd_pairs)
@@ -480,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dpo", help="DPO-train M(t+1) from M(t) on preference pairs", epilog=EPILOG,
                        formatter_class=fmt)
     p.add_argument("--model", required=True, help="M(t)")
-    p.add_argument("--pairs", type=Path, required=True)
+    p.add_argument("--pairs", type=Path, required=True, help="pairs JSONL (`srlm pairs`' output)")
     p.add_argument("--reference", help="reference model (default: M(t) itself)")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     _config_options(p)
@@ -552,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "pairwise accuracy, exact match, Spearman, Kendall tau and 5-best (PAPER.md "
                                         "§5), with the judge's tie rate and parse failures.", epilog=EPILOG,
                             formatter_class=fmt)
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="the judge: " + MODEL_HELP)
     p.add_argument("--data", type=Path, required=True,
                    help="ranked replies: JSONL of {id, prompt_id, prompt, reply, human_score} or the oasst2-srlm export")
     p.add_argument("--split", choices=["eval", "train", "all"], default="eval",
@@ -621,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("report", help="the per-iteration table of a run (and report.png beside it)",
                        formatter_class=fmt)
-    p.add_argument("run_dir", type=Path)
+    p.add_argument("run_dir", type=Path, help="a run directory (runs/<timestamp>)")
     p.add_argument("--no-plot", action="store_true", help="skip writing report.png")
     p.set_defaults(func=cmd_report)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..progress import tokens_sampled
 from . import Completion, Request, SamplingParams
 
 
@@ -377,6 +378,7 @@ class HFGenerator:
             picked = chosen.tolist()
             if log_p is not None:
                 scores = log_p.gather(1, chosen[:, None])[:, 0].tolist()
+            kept = 0
             for row, (text, token) in enumerate(zip(active, picked)):
                 if row in finished_rows:
                     continue
@@ -385,6 +387,7 @@ class HFGenerator:
                     finished_rows.add(row)
                     continue
                 tokens_of[text].append(token)
+                kept += 1
                 if logprobs_of is not None:
                     logprobs_of[text].append(scores[row])
                 if params.stop:
@@ -392,6 +395,7 @@ class HFGenerator:
                     if any(s in tail for s in params.stop):
                         ended[text] = True
                         finished_rows.add(row)
+            tokens_sampled(kept)
             if len(finished_rows) == len(active) or step == params.max_new_tokens - 1:
                 break
             # Finished rows leave the batch once they are an eighth of it: each removal copies the cache.

@@ -8,9 +8,10 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ..errors import ModelError
+from ..progress import tokens_sampled
 from . import Completion, Request, SamplingParams
 
 
@@ -45,6 +46,8 @@ class OpenAIGenerator:
         pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)))
         try:
             futures = [pool.submit(self._complete, r, params, i) for i, r in enumerate(requests)]
+            for done in as_completed(futures):  # in this thread, where the progress bar is found
+                tokens_sampled(done.result().n_tokens)
             return [f.result() for f in futures]
         finally:
             # After a failure, requests not yet sent are dropped instead of queued against a broken server.

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..errors import ModelError
+from ..progress import tokens_sampled
 from . import Completion, Request, SamplingParams
 from .hf import choice_tokens, cut_at_stop, render, scoring_texts
 
@@ -89,7 +90,9 @@ class VLLMGenerator:
         ]
         outputs = self.llm.generate(self._prompts([render(self.tokenizer, r) for r in requests]), per_request,
                                     use_tqdm=False)
-        return [self._completion(o.outputs[0], params) for o in outputs]
+        completions = [self._completion(o.outputs[0], params) for o in outputs]
+        tokens_sampled(sum(c.n_tokens for c in completions))  # vLLM samples the whole list in one call
+        return completions
 
     def _completion(self, out, params: SamplingParams) -> Completion:
         tokens = list(out.token_ids)
