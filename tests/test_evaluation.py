@@ -38,17 +38,28 @@ def test_hand_computed_mixed_case():
     assert m.replies_scored == 6 and m.replies_failed == 1
 
 
-def test_five_best_counts_only_perfect_scores():
+def test_five_best_counts_only_scores_that_round_to_five():
     r = replies("a", [0.9, 0.5]) + replies("b", [0.2, 0.8])
-    m = judge_agreement(r, {"a0": 5, "a1": 5, "b0": 5, "b1": 3})
-    assert m.five_best == pytest.approx(1 / 3)  # a0 is best; a1 and b0 are not
+    m = judge_agreement(r, {"a0": 5, "a1": 4.67, "b0": 4.5, "b1": 4.33})
+    assert m.five_best == pytest.approx(1 / 3)  # a0 is best; a1 and b0 are not; b1 (5, 4, 4) is no 5
 
 
 def test_all_equal_scores_and_human_ties():
     m = judge_agreement(replies("a", [0.5, 0.5, 0.5]), {"a0": 3, "a1": 4, "a2": 5})
     assert m.pairs == 0 and m.pairwise_accuracy is None and m.spearman is None
     m = judge_agreement(replies("a", [0.9, 0.1]), {"a0": 3, "a1": 3})
-    assert m.pairwise_accuracy == 0 and m.judge_tie_rate == 1 and m.spearman is None and m.kendall_tau is None
+    assert m.pairwise_accuracy == 0 and m.judge_tie_rate == 1 and m.spearman == 0 and m.kendall_tau == 0
+    assert m.prompts_judge_constant == 1
+
+
+def test_a_prompt_the_judge_scores_all_alike_counts_as_no_correlation_not_as_absent():
+    # a: the judge orders nothing; b: it orders perfectly. Left out, a would make the mean 1.0 while pairwise
+    # accuracy is 0.5.
+    r = replies("a", [3, 2, 1]) + replies("b", [5, 4, 3])
+    m = judge_agreement(r, {"a0": 4, "a1": 4, "a2": 4, "b0": 5, "b1": 3, "b2": 1})
+    assert m.pairwise_accuracy == pytest.approx(0.5)
+    assert m.spearman == pytest.approx(0.5) and m.kendall_tau == pytest.approx(0.5)
+    assert m.prompts_judge_constant == 1
 
 
 def test_rank_correlations():

@@ -8,12 +8,18 @@ so its pairwise accuracy is the share of pairs the judge scores the human way ro
 
 - pairwise accuracy: of the reply pairs with different human scores, the share the judge orders the same way;
 - exact match: the share of prompts where the judge orders every such pair the same way;
-- Spearman and Kendall tau (tau-b) between judge and human scores, averaged over prompts where both vary;
-- 5-best: of the replies the judge gives a perfect 5, the share that humans rated best for their prompt.
+- Spearman and Kendall tau (tau-b) between judge and human scores, averaged over prompts where the human scores
+  vary;
+- 5-best: of the replies the judge gives a 5, the share that humans rated best for their prompt. A reply's score is
+  the mean of its k judgments (or the expected score), so "gives a 5" is a score that rounds to 5, 4.5 or more (with
+  k=3: two 5s and a 4 at least); an exact 5 would ask every judgment for it, and never happen in `expected` mode.
 
 Tie convention (the paper does not state one): a pair the judge scores equally counts as *not* agreeing in
-pairwise accuracy and exact match; the share of such pairs is reported as `judge_tie_rate`. A reply whose
-judgments all failed to parse is left out of every metric, and the failures are counted.
+pairwise accuracy and exact match; the share of such pairs is reported as `judge_tie_rate`. Likewise a prompt
+whose replies the judge scores all alike, where the humans do not, has a rank correlation of 0 (no order, so no
+agreement), not none: leaving it out would raise the mean over the prompts the judge does order; their number is
+`prompts_judge_constant`. A reply whose judgments all failed to parse is left out of every metric, and the failures
+are counted.
 """
 from __future__ import annotations
 
@@ -33,7 +39,11 @@ from .errors import InputError
 from .records import Candidate, Prompt, Record, read_jsonl
 
 TIE_CONVENTION = ("judge ties count as disagreement in pairwise accuracy and exact match; their share is "
-                  "judge_tie_rate; replies with no parsed judgment are excluded")
+                  "judge_tie_rate; a prompt the judge scores all alike has Spearman and Kendall tau 0; a 5 is a mean "
+                  "score of 4.5 or more; replies with no parsed judgment are excluded")
+
+
+FIVE = 4.5  # a mean score that rounds to 5 (5-best)
 
 
 class RankedReply(Record):
@@ -226,6 +236,7 @@ class JudgeAgreement:
     prompts: int
     replies_scored: int
     replies_failed: int
+    prompts_judge_constant: int = 0  # prompts whose replies the judge scored all alike (rank correlation 0)
     tie_convention: str = TIE_CONVENTION
 
     def as_dict(self) -> dict:
@@ -241,7 +252,7 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
     exact: list[bool] = []
     rhos: list[float] = []
     taus: list[float] = []
-    fives = fives_best = 0
+    fives = fives_best = constant = 0
     scored = sum(1 for r in replies if r.id in judge_scores)
     for group in by_prompt.values():
         group = [r for r in group if r.id in judge_scores]
@@ -262,13 +273,15 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
         agree += prompt_agree
         if prompt_pairs:
             exact.append(prompt_agree == prompt_pairs)
-        for values, metric in ((rhos, spearman), (taus, kendall_tau_b)):
-            value = metric(model, human)
-            if value is not None:
-                values.append(value)
+        if len(set(human)) > 1:
+            if len(set(model)) == 1:
+                constant += 1
+            for values, metric in ((rhos, spearman), (taus, kendall_tau_b)):
+                value = metric(model, human)
+                values.append(0.0 if value is None else value)
         best = max(human)
         for h, m in zip(human, model):
-            if m == 5:
+            if m >= FIVE:
                 fives += 1
                 fives_best += h == best
     ratio = lambda n, d: n / d if d else None
@@ -276,7 +289,7 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
         pairwise_accuracy=ratio(agree, pairs), exact_match=ratio(sum(exact), len(exact)),
         spearman=mean(rhos) if rhos else None, kendall_tau=mean(taus) if taus else None,
         five_best=ratio(fives_best, fives), judge_tie_rate=ratio(ties, pairs), pairs=pairs, prompts=len(exact),
-        replies_scored=scored, replies_failed=len(replies) - scored,
+        replies_scored=scored, replies_failed=len(replies) - scored, prompts_judge_constant=constant,
     )
 
 
