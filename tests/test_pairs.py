@@ -1,4 +1,4 @@
-from srlm.pairs import TIE, TOO_FEW_JUDGED, candidate_scores, select_pairs
+from srlm.pairs import TIE, TOO_FEW_JUDGED, TOO_FEW_UNFLAGGED, candidate_scores, select_pairs
 from srlm.records import Candidate, Judgment, Prompt
 
 
@@ -38,6 +38,15 @@ def test_all_failed_and_single_valid_drop_the_prompt():
     assert sel.dropped == {TOO_FEW_JUDGED: 1}
     sel = select_pairs(*make({0: [5], 1: [None], 2: [None]}))
     assert sel.pairs == [] and sel.dropped == {TOO_FEW_JUDGED: 1}
+
+
+def test_a_prompt_lost_to_flagged_candidates_is_counted_as_such_not_as_a_judge_failure():
+    sel = select_pairs(*make({0: [5], 1: [3], 2: [1]}, flagged={0, 2}))
+    assert sel.pairs == [] and sel.dropped == {TOO_FEW_UNFLAGGED: 1}
+    sel = select_pairs(*make({0: [5], 1: [None], 2: [1]}, flagged={0}))  # two judged, one of them flagged
+    assert sel.dropped == {TOO_FEW_UNFLAGGED: 1}
+    sel = select_pairs(*make({0: [5], 1: [None], 2: [None]}, flagged={0}))  # the judge left one scored: its loss
+    assert sel.dropped == {TOO_FEW_JUDGED: 1}
 
 
 def test_flagged_candidates_are_excluded_unless_allowed():

@@ -14,6 +14,7 @@ from .records import Candidate, Judgment, Pair, Prompt
 
 TIE = "tie"
 TOO_FEW_JUDGED = "fewer than 2 candidates with a valid judgment"
+TOO_FEW_UNFLAGGED = "fewer than 2 judged candidates without judge-format text"
 # Two samples can be the same text, and the judge can still score them apart (sampled justifications, or the
 # rounding of a batch): such a pair would teach nothing and would count as a preference that is not one.
 SAME_TEXT = "best and worst candidates are the same text"
@@ -56,12 +57,15 @@ def select_pairs(
     selection = PairSelection(pairs=[], mean_scores=means)
     for prompt in prompts:
         pool = sorted(by_prompt.get(prompt.id, []), key=lambda c: c.index)
-        if exclude_flagged:
-            pool = [c for c in pool if not c.flagged]
         scored = [c for c in pool if c.id in means]
         if len(scored) < 2:
             selection.dropped[TOO_FEW_JUDGED] += 1
             continue
+        if exclude_flagged:
+            scored = [c for c in scored if not c.flagged]
+            if len(scored) < 2:  # lost to flagged candidates, not to the judge
+                selection.dropped[TOO_FEW_UNFLAGGED] += 1
+                continue
         best = max(scored, key=lambda c: (means[c.id], -c.index))
         worst = min(scored, key=lambda c: (means[c.id], c.index))
         if means[best.id] == means[worst.id]:
