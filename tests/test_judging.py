@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from srlm.errors import ConfigError
@@ -26,6 +28,9 @@ PARSED = [
     # The last "Score:" is the conclusion; an earlier one quotes the rubric or a first guess.
     ("I first thought Score: 2 but on reflection the answer is complete.\nScore: 4", 4.0),
     ("Score: 3.\nThat is my final answer, with trailing text.", 3.0),
+    ("Score: 3 - the answer is accurate but short.", 3.0),
+    ("Score: 4, since it answers the question.", 4.0),
+    ("The subscore: 1 for relevance.\nScore: 2", 2.0),
 ]
 
 FAILED = [
@@ -36,6 +41,14 @@ FAILED = [
     ("", "no 'Score: N' found"),
     ("I would give it 4 points.", "no 'Score: N' found"),
     ("Score: -1", "no 'Score: N' found"),
+    # Not one score: a range or a choice is a failure, not its first number.
+    ("Score: 3-4", "not one score (3-4)"),
+    ("Score: 3 or 4", "not one score"),
+    ("Score: three to four", "not one score"),
+    ("Score: 4,5", "not one score"),
+    ("Score: 2\nOn reflection, Score: 3 - 4", "not one score"),
+    # "score" inside another word is no score.
+    ("The underscore: 1 is a character.", "no 'Score: N' found"),
 ]
 
 
@@ -57,6 +70,11 @@ def test_fill_keeps_braces_and_puts_text_in_the_slots():
     assert INSTRUCTION_SLOT not in filled and RESPONSE_SLOT not in filled
 
 
+def test_a_slot_name_inside_the_prompt_is_text_not_a_slot():
+    filled = fill(PAPER_TEMPLATE, "What does <RESPONSE_HERE> mean?", "A placeholder.")
+    assert "User: What does <RESPONSE_HERE> mean?\n<response>A placeholder.</response>" in filled
+
+
 def test_paper_template_is_the_paper_prompt():
     assert PAPER_TEMPLATE.startswith("Review the user's question and the corresponding response using the additive 5-point")
     assert 'Conclude with the score using the format: "Score: <total points>"' in PAPER_TEMPLATE
@@ -71,6 +89,18 @@ def test_custom_template_must_have_both_slots(tmp_path):
     bad.write_text("Q: {prompt}")
     with pytest.raises(ConfigError, match="lacks <INSTRUCTION_HERE> and <RESPONSE_HERE>"):
         load_template(bad)
+
+
+def test_a_template_with_brace_slots_is_read_like_the_paper_copy_in_oasst2_srlm(tmp_path):
+    braced = tmp_path / "orig.txt"
+    braced.write_text("Rate {this}.\nUser: {prompt}\n<response>{response}</response>\nScore:")
+    template = load_template(braced)
+    filled = fill(template, "Print {x}", "print({x}) # {response}")
+    assert filled == "Rate {this}.\nUser: Print {x}\n<response>print({x}) # {response}</response>\nScore:"
+    shipped = Path(__file__).parents[2] / "shared/data/oasst2-srlm/llm_as_a_judge_prompt_orig.txt"
+    if shipped.exists():  # the data is not part of the project: checked where it is
+        filled = fill(load_template(shipped), "Q", "A")
+        assert "User: Q\n<response>A</response>" in filled and "{prompt}" not in filled
 
 
 @pytest.mark.parametrize("text,flagged", [

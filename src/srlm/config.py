@@ -160,7 +160,8 @@ class JudgeConfig(Section):
     temperature: float = Field(0.7, ge=0, description="Same sampling as candidates (PAPER.md §4.3).")
     top_p: float = Field(0.9, gt=0, le=1, description="PAPER.md §4.3.")
     max_new_tokens: int = Field(256, ge=8, description="Length cap of one judgment (the prompt asks for <=100 words).")
-    template: Path | None = Field(None, description="Judge prompt file with {prompt} and {response}; default: PAPER.md §3.")
+    template: Path | None = Field(None, description="Judge prompt file with <INSTRUCTION_HERE> and <RESPONSE_HERE> (or {prompt} and {response}) where the "
+                    "prompt and the response go; default: PAPER.md §3.")
     max_failure_rate: float = Field(
         0.5, ge=0, le=1, description="Stop the run when more judgments than this fail to parse (PAPER.md §7)."
     )

@@ -42,7 +42,7 @@ import numpy as np
 
 from .backends import Generator, SamplingParams, batch_params, close, plan_batches
 from .errors import InputError, RunDirError
-from .judging import read_template
+from .judging import fill_slots, read_template
 from .records import Record, RecordLog, atomic_write_text, write_jsonl
 from .rundir import pin_settings
 
@@ -233,9 +233,7 @@ def load_pairwise_template(path: Path | None) -> str:
 
 
 def fill_pairwise(template: str, instruction: str, first: str, second: str) -> str:
-    # One pass over the template: a slot name inside a response (or braces, for str.format) is left alone.
-    values = {INSTRUCTION_SLOT: instruction, RESPONSE_A_SLOT: first, RESPONSE_B_SLOT: second}
-    return re.sub("|".join(map(re.escape, SLOTS)), lambda m: values[m.group()], template)
+    return fill_slots(template, {INSTRUCTION_SLOT: instruction, RESPONSE_A_SLOT: first, RESPONSE_B_SLOT: second})
 
 
 # The rest of the line up to any next "winner", so that each "Winner:" on a line is read on its own.

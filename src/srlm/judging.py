@@ -63,16 +63,34 @@ def read_template(path: Path, slots: Sequence[str], what: str, where: str) -> st
     return template
 
 
+# The slots as other copies of the paper's prompt write them (oasst2-srlm's llm_as_a_judge_prompt_orig.txt).
+BRACE_SLOTS = {"{prompt}": INSTRUCTION_SLOT, "{response}": RESPONSE_SLOT}
+
+
 def load_template(path: Path | None) -> str:
+    """The judge prompt: the paper's, or the file's, with its slots as <INSTRUCTION_HERE> and <RESPONSE_HERE> (a file
+    may write them {prompt} and {response} instead, and then only those braces are slots)."""
     if path is None:
         return PAPER_TEMPLATE
-    return read_template(path, (INSTRUCTION_SLOT, RESPONSE_SLOT), "judge prompt (judge.template)",
-                         "the prompt and the response")
+    slots = (INSTRUCTION_SLOT, RESPONSE_SLOT)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""  # read_template names the problem
+    if not any(slot in text for slot in slots) and all(brace in text for brace in BRACE_SLOTS):
+        return fill_slots(text, BRACE_SLOTS)
+    return read_template(path, slots, "judge prompt (judge.template)", "the prompt and the response")
+
+
+def fill_slots(template: str, values: dict[str, str]) -> str:
+    """The template with each slot replaced by its value, in one pass: a slot's name inside a prompt or a response
+    is left as it is (replacing slot after slot would fill it too), and so are braces (code, JSON), which
+    str.format would read."""
+    return re.sub("|".join(map(re.escape, values)), lambda m: values[m.group()], template)
 
 
 def fill(template: str, prompt: str, response: str) -> str:
-    # str.replace, not str.format: prompts and responses contain braces (code, JSON).
-    return template.replace(INSTRUCTION_SLOT, prompt).replace(RESPONSE_SLOT, response)
+    return fill_slots(template, {INSTRUCTION_SLOT: prompt, RESPONSE_SLOT: response})
 
 
 def judge_request(template: str, prompt: str, response: str) -> list[dict]:
@@ -80,9 +98,11 @@ def judge_request(template: str, prompt: str, response: str) -> list[dict]:
 
 
 _NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
-# "Score: 4", "**Score:** 4", "score = 4.5", "Score: 4/5", "Total score: 3 points", "Score: four".
+_NUMBER = r"(?:\d+(?:\.\d+)?|zero|one|two|three|four|five)\b"
+# "Score: 4", "**Score:** 4", "score = 4.5", "Score: 4/5", "Total score: 3 points", "Score: four"; not "subscore: 1".
+# A range or a choice ("Score: 3-4", "3 or 4", "4,5") is matched whole, to be refused: it is not one score.
 SCORE_PATTERN = re.compile(
-    r"score[*_\s]*[:=][*_\s]*(?P<value>\d+(?:\.\d+)?|zero|one|two|three|four|five)\b"
+    rf"\bscore[*_\s]*[:=][*_\s]*(?P<value>{_NUMBER})(?P<range>\s*(?:-|–|to\b|or\b)\s*{_NUMBER}|,\d)?"
     r"(?:\s*(?:/|out\s+of)\s*(?P<scale>\d+))?",
     re.IGNORECASE,
 )
@@ -102,6 +122,8 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
         return None, "no 'Score: N' found"
     match = matches[-1]
     raw = match.group("value").lower()
+    if match.group("range"):
+        return None, f"not one score ({match.group('value')}{match.group('range')})"
     value = float(_NUMBER_WORDS.get(raw, raw))
     scale = match.group("scale")
     if scale is not None and float(scale) != MAX_SCORE:
