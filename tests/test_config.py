@@ -19,6 +19,15 @@ def test_presets_load(preset):
     assert isinstance(load_config(preset=preset), RunConfig)
 
 
+def test_the_paper_preset_is_the_defaults_at_the_papers_scale():
+    # What paper.yaml's header says: it differs from the (paper-citing) defaults in the number of prompts alone.
+    paper, defaults = load_config(preset="paper").model_dump(), RunConfig().model_dump()
+    differ = {f"{section}.{key}" for section, values in paper.items() if isinstance(values, dict)
+              for key, value in values.items() if value != defaults[section][key]}
+    differ |= {key for key, value in paper.items() if not isinstance(value, dict) and value != defaults[key]}
+    assert differ == {"prompts.num_prompts"}
+
+
 def test_no_preset_means_tiny():
     assert load_config() == load_config(preset="tiny")
 
