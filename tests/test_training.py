@@ -123,3 +123,18 @@ def test_the_checkpointing_switch_reaches_trl_without_a_deprecation_warning(tmp_
         # TRL's own default is on; what the section says must win, under the old name and the new one alike.
         assert args.gradient_checkpointing is on
         assert getattr(args, "activation_checkpointing", on) is on
+
+
+@pytest.mark.parametrize("processes,micro,expected", [(1, 1, (1, 16)), (1, 4, (4, 4)), (4, 1, (1, 4)), (4, 4, (4, 1)),
+                                                       (8, 4, (2, 1)),
+                                                       (32, 1, (1, 1))])  # 32 processes: one example each, the least
+def test_a_step_is_the_configured_batch_whatever_the_number_of_processes(tmp_path, monkeypatch, processes, micro,
+                                                                         expected):
+    from srlm.config import RunConfig
+    from srlm.training import training_arguments
+
+    monkeypatch.setenv("WORLD_SIZE", str(processes))  # what `accelerate launch` sets in each process
+    section = RunConfig().dpo
+    section.batch_size, section.micro_batch_size = 16, micro
+    kwargs = training_arguments(section, work_dir=tmp_path, device="cpu", seed=0)
+    assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == expected

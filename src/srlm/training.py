@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -17,8 +18,11 @@ def training_arguments(section, *, work_dir: Path, device: str, seed: int) -> di
     """Keyword arguments for a TRL config (SFTConfig / DPOConfig) from an `sft` or `dpo` config section."""
     import torch
 
-    micro = min(section.micro_batch_size, section.batch_size)
-    accumulation = max(1, math.ceil(section.batch_size / micro))
+    # section.batch_size is the batch of one optimizer step over every process (PAPER.md §4: 16), so under
+    # `accelerate launch` on several GPUs each accumulates its share, not the whole.
+    processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    micro = min(section.micro_batch_size, max(1, section.batch_size // processes))
+    accumulation = max(1, math.ceil(section.batch_size / (micro * processes)))
     from .models import cpu_has_native_bf16
 
     bf16 = section.bf16
