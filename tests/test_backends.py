@@ -378,6 +378,25 @@ def test_hf_greedy_decoding_matches_transformers_generate(tiny_model, device, st
         assert {c.truncated for c in gen.generate(shared, params)} == {True, False}  # rows ended at different steps
 
 
+def test_hf_sliding_window_models_score_and_decode_a_batch_as_each_row_alone(tiny_model, device, tmp_path):
+    """A window shorter than the shared rubric: a row in a batch sees what it sees alone (a rubric encoded once,
+    with pads after it, put the pads into the window and cut the rubric's cache to the window's end)."""
+    import torch
+
+    from srlm.testing import tiny_of_type
+
+    model = tiny_of_type(tiny_model, "mistral", tmp_path, sliding_window=24)
+    gen = HFGenerator(model, ModelConfig(name_or_path=str(model), dtype="float32"), device, batch_size=8)
+    assert gen._layer_class is None  # transformers' own cache layers, which know the window
+    rubric = "You grade answers. Read the question and the answer below carefully, then grade them.\n" * 3
+    texts = [rubric + q for q in ("Q: 1 2 3", "Q: apple banana", "Q: judge the")]
+    together = gen.choice_probs(texts, " Score:", [" 1", " 2", " 3"])
+    alone = [gen.choice_probs([t], " Score:", [" 1", " 2", " 3"])[0] for t in texts]
+    torch.testing.assert_close(torch.tensor(together), torch.tensor(alone), rtol=1e-5, atol=1e-6)
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=10)
+    assert gen.generate(texts, params) == [gen.generate([t], params)[0] for t in texts]
+
+
 @pytest.mark.parametrize("rubric_lines", [0, 3])
 def test_hf_prefill_in_like_length_passes_leaves_what_one_padded_pass_does(tiny_model, device, rubric_lines):
     """Rows prefilled in several passes and laid side by side give the logits, and a cache the next step reads, of
@@ -412,6 +431,53 @@ def test_hf_prefill_in_like_length_passes_leaves_what_one_padded_pass_does(tiny_
     assert not torch.equal(one[1][0], one[1][1])  # rows differ: a row in another's place would be seen
     for a, b in zip(one, split):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_hf_raw_text_begins_with_the_bos_token_its_tokenizer_adds(tiny_model, device, tmp_path):
+    """Llama-style tokenizers begin a text with BOS; raw-text requests (the few-shot prompt writer's) get it too,
+    as transformers gives it, while chat requests keep the one their template writes."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from srlm.backends.hf import render
+
+    model = tmp_path / "bos"
+    shutil.copytree(tiny_model, model)
+    AutoTokenizer.from_pretrained(tiny_model, add_bos_token=True).save_pretrained(model)
+    gen = HFGenerator(model, ModelConfig(name_or_path=str(model), dtype="float32"), device)
+    ids = gen.tokenizer("Hello apple", return_tensors="pt").input_ids.to(device)  # transformers' own: BOS first
+    assert ids[0, 0] == gen.tokenizer.bos_token_id
+    with torch.inference_mode():
+        expected = torch.softmax(gen.model(ids).logits[0, -1].float(), -1)
+    choices = [" banana", " the"]
+    choice_ids = [gen.tokenizer(c, add_special_tokens=False).input_ids[-1] for c in choices]
+    probs = gen.choice_probs(["Hello"], " apple", choices)[0]
+    torch.testing.assert_close(torch.tensor(probs), expected[choice_ids].cpu(), rtol=1e-5, atol=1e-7)
+    chat = [{"role": "user", "content": "Hi"}]
+    assert gen.render(chat) == render(AutoTokenizer.from_pretrained(tiny_model), chat)  # the template's text alone
+
+
+def test_hf_refuses_an_empty_text(hf_generator):
+    with pytest.raises(ValueError, match="request 1 is empty"):
+        hf_generator.generate(["Hello", ""], GREEDY)
+    with pytest.raises(ValueError, match="request 0 is empty"):
+        hf_generator.choice_probs([""], "", [" 1", " 2"])
+
+
+def test_hf_refuses_a_request_longer_than_the_models_positions(hf_generator):
+    limit = hf_generator.model.config.max_position_embeddings
+    with pytest.raises(ModelError, match=f"more than the model's {limit} positions"):
+        hf_generator.generate(["Hello", "apple " * (limit + 1)], GREEDY)
+
+
+def test_stop_strings_cut_at_the_earliest_of_them():
+    from srlm.backends.hf import cut_at_stop
+
+    assert cut_at_stop("abc", ("c", "bc")) == ("a", True)
+    assert cut_at_stop("one. Score: 4", ("Score:", ".")) == ("one", True)
+    assert cut_at_stop("abc", ("x",)) == ("abc", False)
 
 
 def test_hf_sampled_token_logprobs_are_the_untempered_distribution(tiny_model, device):

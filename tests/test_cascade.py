@@ -7,6 +7,7 @@ import pytest
 from srlm.backends import HFGenerator, SamplingParams
 from srlm.backends.cascade import MODEL_TYPES
 from srlm.config import ModelConfig
+from srlm.testing import tiny_of_type
 
 torch = pytest.importorskip("torch")
 
@@ -95,24 +96,6 @@ def test_shared_rows_select_keeps_rows_and_drops_prompts_no_row_continues():
     torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
 
 
-def _tiny_of_type(tiny_model, model_type: str, directory):
-    """The tiny test model's shapes and tokenizer as another architecture, randomly initialised."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    if model_type == "llama":
-        return tiny_model
-    base = AutoConfig.from_pretrained(tiny_model).to_dict()
-    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "max_position_embeddings", "head_dim", "pad_token_id", "eos_token_id",
-            "bos_token_id", "tie_word_embeddings")
-    config = AutoConfig.for_model(model_type, **{k: base[k] for k in keep if base.get(k) is not None})
-    config.sliding_window = None  # full attention (Mistral's default window would send it to transformers' cache)
-    torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(directory)
-    return directory
-
-
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
 def test_hf_decoding_of_repeated_prompts_goes_through_the_cascade_and_matches_without(tiny_model, device, model_type,
                                                                                       tmp_path):
@@ -123,7 +106,7 @@ def test_hf_decoding_of_repeated_prompts_goes_through_the_cascade_and_matches_wi
         pytest.skip("the cascade is used on CPUs")
     from srlm.backends import cascade
 
-    model = _tiny_of_type(tiny_model, model_type, tmp_path)
+    model = tiny_of_type(tiny_model, model_type, tmp_path)
     gen = HFGenerator(model, ModelConfig(name_or_path=str(model), dtype="float32"), device, batch_size=16)
     assert gen.model.config.model_type == model_type
     assert gen._cascade

@@ -43,6 +43,29 @@ def build_tiny_model(directory: Path, corpus: list[str], head_dim: int | None = 
     return directory
 
 
+def tiny_of_type(tiny_model: Path, model_type: str, directory: Path, sliding_window: int | None = None) -> Path:
+    """The tiny model's shapes and tokenizer as another architecture (llama: the tiny model itself), randomly
+    initialised; with `sliding_window`, attention over that many tokens only (Mistral's, Qwen2's)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if model_type == "llama" and sliding_window is None:
+        return tiny_model
+    base = AutoConfig.from_pretrained(tiny_model).to_dict()
+    keep = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "head_dim", "pad_token_id", "eos_token_id",
+            "bos_token_id", "tie_word_embeddings")
+    config = AutoConfig.for_model(model_type, **{k: base[k] for k in keep if base.get(k) is not None})
+    # None: full attention (Mistral's default window would otherwise apply).
+    config.sliding_window = sliding_window
+    if sliding_window is not None and hasattr(config, "use_sliding_window"):
+        config.use_sliding_window = True  # Qwen2 reads the window only with this
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(directory)
+    return directory
+
+
 def tiny_overrides(model: Path, ift: Path, eft: Path, template: Path) -> list[str]:
     """A config that runs the whole loop on the tiny model in seconds.
 

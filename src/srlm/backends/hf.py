@@ -9,9 +9,13 @@ from . import Completion, Request, SamplingParams
 
 
 def render(tokenizer, request: Request) -> str:
-    """The text a model sees: raw text as is, chat messages through the model's chat template."""
+    """The text a model sees: chat messages through the model's chat template (which writes any BOS token itself);
+    raw text after the BOS token the tokenizer begins a text with, if it adds one (Llama, Mistral and Gemma models
+    degrade without it), since the backends tokenize rendered text without adding special tokens."""
     if isinstance(request, str):
-        return request
+        bos = tokenizer.bos_token_id
+        begins = bos is not None and tokenizer("", add_special_tokens=True).input_ids[:1] == [bos]
+        return (tokenizer.bos_token if begins else "") + request
     return tokenizer.apply_chat_template(request, tokenize=False, add_generation_prompt=True)
 
 
@@ -23,13 +27,17 @@ def scoring_texts(tokenizer, requests: Sequence[Request], prefill: str | Sequenc
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """`text` cut before the first occurrence of each stop string in turn, and whether any was found."""
-    found = False
-    for s in stop:
-        cut = text.find(s)
-        if cut >= 0:
-            text, found = text[:cut], True
-    return text, found
+    """`text` cut before the earliest occurrence of any stop string, and whether there was one."""
+    cuts = [cut for cut in (text.find(s) for s in stop if s) if cut >= 0]
+    return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+def _not_empty(texts: list[str]) -> list[str]:
+    """`texts`, refused if one is empty: a model continues a text, and there would be none to attend to."""
+    empty = [i for i, t in enumerate(texts) if not t]
+    if empty:
+        raise ValueError(f"request {empty[0]} is empty text (of {len(empty)} empty): there is nothing to continue")
+    return texts
 
 
 def choice_tokens(tokenizer, text: str, choices: Sequence[str]) -> tuple[list[int], list[int]]:
@@ -225,7 +233,7 @@ class HFGenerator:
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
         import torch
 
-        texts = [self.render(r) for r in requests]
+        texts = _not_empty([self.render(r) for r in requests])
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[Completion | None] = [None] * len(texts)
         for start in range(0, len(order), self.batch_size):
@@ -369,7 +377,8 @@ class HFGenerator:
         ended = [False] * len(texts)
         finished_rows: set[int] = set()  # rows still in the batch whose text is done
         eos = set(self.eos_ids)
-        window = max((len(s) for s in params.stop), default=0) + 2
+        # Tokens to decode to find a stop string that may have just ended: a token is at least one byte of text.
+        window = max((len(s.encode("utf-8")) for s in params.stop), default=0) + 2
         for step in range(params.max_new_tokens):
             # The model's own distribution, before temperature and top-p (what vLLM and OpenAI report); taken before
             # sampling, which may scale fp32 logits in place.
@@ -433,7 +442,7 @@ class HFGenerator:
         """
         import torch
 
-        texts = scoring_texts(self.tokenizer, requests, prefill)
+        texts = _not_empty(scoring_texts(self.tokenizer, requests, prefill))
         if not texts:
             return []
         shared, choice_ids = choice_tokens(self.tokenizer, texts[0], choices)
@@ -450,10 +459,23 @@ class HFGenerator:
 
     def _tokenize(self, texts: list[str], reuse_prefix: bool = True) -> tuple[list[int], list[list[int]]]:
         """(token ids of a prefix every text shares, each text's rest): the prefix is empty unless `reuse_prefix`,
-        several texts, and `_split_prefix` finds one that pays."""
-        if reuse_prefix and len(texts) > 1:
-            return self._split_prefix(texts)
-        return [], [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        several texts, and `_split_prefix` finds one that pays. Never with a sliding window (`_layer_class` None):
+        the pads between the prefix and a shorter row would take places in the window, and transformers' sliding
+        layers keep only the window's end of the prefix, so a padded row would see other tokens than alone."""
+        if reuse_prefix and len(texts) > 1 and self._layer_class is not None:
+            prefix, rows = self._split_prefix(texts)
+        else:
+            prefix, rows = [], [self.tokenizer(t, add_special_tokens=False).input_ids for t in texts]
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        longest = max(range(len(rows)), key=lambda i: len(rows[i]))
+        if limit and len(prefix) + len(rows[longest]) > limit:
+            from ..errors import ModelError
+
+            # Past its positions a model with rotary embeddings writes nonsense and one with learned positions fails.
+            raise ModelError(f"a request is {len(prefix) + len(rows[longest])} tokens, more than the model's "
+                             f"{limit} positions: {texts[longest][:80]!r}...; shorten it, or use a model with a "
+                             f"longer context")
+        return prefix, rows
 
     def _split_prefix(self, texts: list[str]) -> tuple[list[int], list[list[int]]]:
         """The token ids of the text every request starts with, and of each request's rest; (no prefix, each
