@@ -42,3 +42,42 @@ def test_few_shot_request_numbers_examples_and_asks_for_the_next():
 ])
 def test_clean(raw, expected):
     assert clean(raw) == expected
+
+
+class EchoingWriter:
+    """A fake prompt writer whose every answer depends on its whole request (the few-shot examples) and seed."""
+
+    WORDS = "alpha beta gamma delta epsilon zeta theta kappa lambda sigma omega river stone cloud tree apple".split()
+
+    def generate(self, requests, params):
+        import hashlib
+        import random
+
+        from srlm.backends import Completion
+
+        out = []
+        for i, request in enumerate(requests):
+            rng = random.Random(hashlib.sha256(f"{request}|{params.seed}|{i}".encode()).hexdigest())
+            out.append(Completion(text="Explain " + " ".join(rng.choice(self.WORDS) for _ in range(6)), n_tokens=8,
+                                  truncated=False))
+        return out
+
+
+@pytest.mark.parametrize("lines_left", [0, 3, 8, 11, 16, 19, None])  # None: all of it, the last batch too
+def test_a_resume_after_a_torn_batch_writes_what_an_uninterrupted_run_writes(tmp_path, lines_left):
+    """A kill (or a full disk) in the middle of a batch's write leaves whole lines of part of it; the resumed stage
+    must ask that batch again from the prompts kept before it, not from a pool holding its own prompts already."""
+    from srlm.prompts import generate_prompts
+    from srlm.records import read_jsonl
+
+    seed = [f"Write a poem about {w} and friends today" for w in EchoingWriter.WORDS]
+    options = dict(iteration=1, num_prompts=20, batch_size=8, seed=5, max_attempts=80)
+    whole, _ = generate_prompts(EchoingWriter(), seed, tmp_path / "a" / "prompts.jsonl", **options)
+    lines = (tmp_path / "a" / "prompts_attempts.jsonl").read_text().splitlines(True)
+    assert len(lines) > 16  # the cut points fall in the first, second and third batches
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "prompts_attempts.jsonl.partial").write_text("".join(lines[:lines_left]))
+    resumed, attempts = generate_prompts(EchoingWriter(), seed, tmp_path / "b" / "prompts.jsonl", **options)
+    assert [p.text for p in resumed] == [p.text for p in whole]
+    assert (tmp_path / "b" / "prompts_attempts.jsonl").read_text() == "".join(lines)
+    assert [p.text for p in read_jsonl(tmp_path / "b" / "prompts.jsonl", type(whole[0]))] == [p.text for p in whole]

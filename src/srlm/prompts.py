@@ -97,6 +97,28 @@ def prompt_options(config, num_prompts: int | None = None) -> dict:
                 max_attempts=int(num * p.max_attempts_factor), batch_size=batch)
 
 
+def _replay(log: RecordLog, batch_ids, num_prompts: int) -> tuple[list[str], int]:
+    """(the prompts kept by the batches the log holds whole, the first batch to generate) on resume.
+
+    A batch's few-shot examples come from the prompts kept before it, so a batch the log holds only part of (a kill
+    or a full disk in the middle of its write) is generated again from the prompts kept before it: what it wrote is
+    then written again alike, rather than the batch asked anew from a pool that already holds its own prompts. The
+    last batch of a stage is whole when it stopped at the prompt that made `num_prompts`."""
+    by_id = {a.id: a for a in log.records}
+    kept: list[str] = []
+    batch_index = 0
+    while len(kept) < num_prompts:
+        present = [by_id[i] for i in batch_ids(batch_index) if i in by_id]
+        own = [a.text for a in present if a.kept]
+        whole = len(present) == len(batch_ids(batch_index)) or (
+            present and present[-1].kept and len(kept) + len(own) == num_prompts)
+        if not whole:
+            break
+        kept += own
+        batch_index += 1
+    return kept, batch_index
+
+
 def generate_prompts(
     generator: Generator,
     seed_prompts: Sequence[str],
@@ -128,18 +150,15 @@ def generate_prompts(
     attempts_path = out_path.with_name(out_path.stem + "_attempts.jsonl")
     log = RecordLog(attempts_path, PromptAttempt)
     max_attempts = max_attempts or num_prompts * 4
-    kept: list[str] = [a.text for a in log.records if a.kept]
+    batch_ids = lambda b: [f"it{iteration}-a{b * batch_size + i:06d}" for i in range(batch_size)]
+    kept, batch_index = _replay(log, batch_ids, num_prompts)
     known = list(seed_prompts) + kept
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                             stop=("\n",))
-    batch_index = 0
     if progress:
         progress.update(min(len(kept), num_prompts))
     while len(kept) < num_prompts and batch_index * batch_size < max_attempts:
-        ids = [f"it{iteration}-a{batch_index * batch_size + i:06d}" for i in range(batch_size)]
-        if all(i in log.done for i in ids):
-            batch_index += 1
-            continue
+        ids = batch_ids(batch_index)
         rng = random.Random(seed * 7919 + iteration * 104729 + batch_index)
         requests = []
         for _ in ids:
