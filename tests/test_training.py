@@ -138,3 +138,42 @@ def test_a_step_is_the_configured_batch_whatever_the_number_of_processes(tmp_pat
     section.batch_size, section.micro_batch_size = 16, micro
     kwargs = training_arguments(section, work_dir=tmp_path, device="cpu", seed=0)
     assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == expected
+
+
+def test_resume_skips_checkpoints_a_kill_left_incomplete(tmp_path):
+    """A kill while the Trainer saves leaves no trainer state, or a torn one; a kill while a finished stage removes
+    its work directory can leave the state without the weights. None of these is resumed from; the newest whole
+    one is."""
+    from srlm.training import last_checkpoint
+
+    def checkpoint(step, state='{"global_step": 1}', weights=True):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+        if weights:
+            (folder / "model.safetensors").write_bytes(b"x")
+        return folder
+
+    whole = checkpoint(2)
+    checkpoint(4, state=None)
+    checkpoint(6, state='{"global_')
+    checkpoint(8, weights=False)
+    assert last_checkpoint(tmp_path) == str(whole)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-2"]  # the broken ones are removed
+
+
+def test_finishing_publishes_the_model_and_leaves_no_work_directory(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from srlm.training import finish
+
+    class Trainer:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    work = tmp_path / "M2.work"
+    (work / "checkpoint-1").mkdir(parents=True)
+    (tmp_path / "M2.work.deleting").mkdir()  # left by a kill during an earlier removal
+    out = finish(Trainer, AutoTokenizer.from_pretrained(tiny_model), tmp_path / "M2", work)
+    assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["M2"]

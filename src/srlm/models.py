@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import EMBEDDED_MODEL, ModelConfig
 from .errors import ModelError
+from .records import fsync_dir, fsync_tree
 
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DROPOUT_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop",
@@ -69,9 +70,11 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
         shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    fsync_tree(tmp)  # on disk before the rename publishes it (and before a manifest calls it complete)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+    fsync_dir(out_dir.parent)
     return out_dir
 
 

@@ -212,7 +212,7 @@ def check_links(path: str | os.PathLike, records: Sequence[Record], field: str, 
                              "from the same run", path=Path(path), field=field)
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -223,6 +223,16 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flush every file under `directory`, and the directories themselves, to disk: what is published by a rename
+    afterwards must not turn out empty after a power loss."""
+    for folder, _, files in os.walk(directory):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(folder))
 
 
 def write_failed(path: Path, error: OSError, after: str) -> OutputError:
@@ -248,7 +258,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise write_failed(path, e, "nothing was written under that name (any previous version is intact)") from e
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def dumps(record: Record) -> str:
@@ -322,5 +332,5 @@ class RecordLog:
             os.replace(self.partial, self.path)
         except OSError as e:
             raise write_failed(self.path, e, "the records stay in the .partial file; rerun to resume") from e
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         return self.records

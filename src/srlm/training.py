@@ -104,15 +104,23 @@ def last_checkpoint(work_dir: Path) -> str | None:
     for checkpoint in candidates:
         try:
             json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
-            return str(checkpoint)
+            if any(checkpoint.glob("*.safetensors")):
+                return str(checkpoint)
         except (OSError, ValueError):
-            shutil.rmtree(checkpoint, ignore_errors=True)
+            pass
+        shutil.rmtree(checkpoint, ignore_errors=True)
     return None
 
 
 def finish(trainer, tokenizer, out_dir: Path, work_dir: Path) -> Path:
+    """Publish the trained model to `out_dir`, then remove the work directory: renamed first, so that a kill during
+    the removal cannot leave a half-deleted checkpoint there for a rerun to resume from."""
     from .models import save_checkpoint
 
     save_checkpoint(trainer.model, tokenizer, out_dir)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    trash = work_dir.with_name(work_dir.name + ".deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    if work_dir.exists():
+        os.replace(work_dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
     return out_dir
