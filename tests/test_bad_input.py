@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import srlm.records
+from conftest import FIXTURES
 from srlm.cli import main
 from srlm.config import RunConfig
 from srlm.errors import OutputError
@@ -90,6 +91,13 @@ CASES = [
     ("inconsistent values", lambda t: ["config", "--set", "sft.min_learning_rate=1"], 3,
      ["sft.min_learning_rate must not exceed sft.learning_rate"]),
     ("override without =", lambda t: ["config", "--set", "candidates.n"], 3, ["expected key=value"]),
+    ("seed out of range", lambda t: ["run", "--set", "seed=-1", "--out", str(t / "run")], 3, ["seed"]),
+    ("expected judge on a server", lambda t: ["run", "--set", "judge.mode=expected", "--set",
+                                              "generation.backend=openai", "--set",
+                                              "generation.base_url=http://localhost:8000/v1", "--out",
+                                              str(t / "run")], 3, ["judge.mode=expected", "openai backend"]),
+    ("head-to-head server without a model name", lambda t: ["run", "--set", "eval.h2h_judge=http://judge:8000/v1",
+                                                            "--out", str(t / "run")], 3, ["eval.h2h_judge_model"]),
     ("config file missing", lambda t: ["config", "--config", str(t / "nope.yaml")], 3, ["config file not found"]),
     ("config YAML syntax", lambda t: ["config", "--config", str(put(t, "c.yaml", "judge: [1, 2\n"))], 3,
      ["invalid YAML"]),
@@ -157,6 +165,9 @@ CASES = [
                                         str(t / "run")], 6, ["set model.allow_online=true"]),
     ("unknown embedded model", lambda t: ["run", "--set", "model.name_or_path=embedded:gpt5", "--out",
                                           str(t / "run")], 6, ["unknown embedded model"]),
+    ("head-to-head judge path missing", lambda t: ["run", "--set", f"eval.h2h_judge={t / 'judge'}", "--set",
+                                                   f"eval.h2h_prompts={FIXTURES / 'h2h_reference_outputs.json'}",
+                                                   "--out", str(t / "run")], 6, ["no such directory"]),
     # -- run directories: exit 5 --------------------------------------------------------------------------
     ("resume a non-run", lambda t: ["run", "--resume", str(t)], 5, ["not a srlm run directory"]),
     ("resume a missing directory", lambda t: ["run", "--resume", str(t / "nope")], 5, ["not a srlm run directory"]),
@@ -181,6 +192,13 @@ def test_bad_input_is_refused_clearly(build, code, fragments, tmp_path, capsys):
     # Refused at the door: no run directory was made for a run that could not start.
     if argv[0] == "run" and "--out" in argv and code != 5:
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("vllm") is not None, reason="vLLM is installed here")
+def test_the_vllm_backend_without_vllm_is_refused_at_the_door(tmp_path, capsys):
+    assert main(["run", "--set", "generation.backend=vllm", "--out", str(tmp_path / "run")]) == 6
+    assert "vLLM is not installed here" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_the_table_is_big_enough():

@@ -110,3 +110,38 @@ def test_pairs_stage_alone(tmp_path, capsys):
                  "--judgments", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "pairs.jsonl")]) == 0
     pair = json.loads((tmp_path / "pairs.jsonl").read_text())
     assert (pair["chosen_id"], pair["rejected_id"]) == ("c1", "c0")
+
+
+def test_a_stage_rerun_into_its_output_resumes_it_only_under_the_same_settings(tiny_model, tmp_path, capsys):
+    """`srlm respond --out c.jsonl` again: the same model, input and config give back the same records; another
+    model or config is refused rather than handed records made by the first (or made to continue them)."""
+    from srlm.records import Candidate, Prompt, read_jsonl, write_jsonl
+
+    prompts = tmp_path / "p.jsonl"
+    write_jsonl(prompts, [Prompt(id=f"p{i}", text=f"Say {w}.", iteration=1) for i, w in enumerate(["hi", "yes"])])
+    out = tmp_path / "c.jsonl"
+    respond = ["respond", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out),
+               "--set", "candidates.n=2", "--set", "candidates.max_new_tokens=4"]
+    assert main(respond) == 0
+    first = read_jsonl(out, Candidate)
+    assert len(first) == 4 and (tmp_path / "c.jsonl.settings.json").exists()
+    assert main(respond) == 0 and read_jsonl(out, Candidate) == first
+    capsys.readouterr()
+    assert main([*respond, "--set", "candidates.temperature=0.2"]) == 5
+    err = capsys.readouterr().err
+    assert "c.jsonl: holds candidates made with other settings" in err and "candidates.temperature: 0.7 -> 0.2" in err
+    write_jsonl(prompts, [Prompt(id="p0", text="Say no.", iteration=1)])
+    assert main(respond) == 5 and "prompts: 'sha256:" in capsys.readouterr().err
+    out.unlink()  # starting over: the settings file alone does not hold the output back
+    assert main([*respond, "--set", "candidates.temperature=0.2"]) == 0 and len(read_jsonl(out, Candidate)) == 2
+
+
+def test_a_stage_output_made_without_its_settings_file_is_not_reused(tiny_model, tmp_path, capsys):
+    from srlm.records import Prompt, write_jsonl
+
+    prompts, out = tmp_path / "p.jsonl", tmp_path / "c.jsonl"
+    write_jsonl(prompts, [Prompt(id="p0", text="Say hi.", iteration=1)])
+    out.write_text("")  # made elsewhere, or by hand
+    assert main(["respond", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out)]) == 5
+    assert "no c.jsonl.settings.json says what made it" in capsys.readouterr().err
+    assert out.read_text() == ""

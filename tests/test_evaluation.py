@@ -126,3 +126,25 @@ def test_bad_pairwise_rows_name_line_and_field(tmp_path, row, fragments):
         load_ranked(write(tmp_path, [row]), "all")
     for fragment in fragments:
         assert fragment in str(e.value)
+
+
+def test_judgments_of_one_set_of_replies_are_not_resumed_for_another(tmp_path):
+    """eval/<model>/judge/judgments.jsonl resumes: a resumed run may change eval.judge_max_prompts, and the
+    judgments kept must then not be counted for a set they were not made for."""
+    from srlm.backends import Completion
+    from srlm.config import load_config
+    from srlm.errors import RunDirError
+    from srlm.evaluation import measure_judge
+
+    class Judge:
+        def generate(self, requests, params):
+            return [Completion(text="Fine. Score: 3", n_tokens=4, truncated=False) for _ in requests]
+
+    config = load_config(overrides=["generation.batch_size=4", "judge.k=1"])
+    few, more = replies("a", [0.9, 0.1]), replies("a", [0.9, 0.1]) + replies("b", [0.5, 0.2])
+    assert measure_judge(Judge(), few, tmp_path, config, seed=0)["pairs"] == 1
+    assert measure_judge(Judge(), few, tmp_path, config, seed=0)["pairs"] == 1  # the same: resumed, as it was
+    with pytest.raises(RunDirError, match="holds judgments made with other settings"):
+        measure_judge(Judge(), more, tmp_path, config, seed=0)
+    with pytest.raises(RunDirError, match="judge.k: 1 -> 3"):
+        measure_judge(Judge(), few, tmp_path, load_config(overrides=["generation.batch_size=4"]), seed=0)

@@ -127,6 +127,24 @@ def _generator_for(name: str, config):
     return make_generator(config, name if config.generation.backend == "openai" else _model_path(name, config))
 
 
+def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[str], **inputs) -> None:
+    """Tie a stage command's output to what its records depend on (rundir.pin_output): the model as named, each
+    input (a file's bytes, or a value), the seed and the config sections the stage reads."""
+    import hashlib
+    import json
+
+    from .config import output_settings
+    from .rundir import pin_output
+
+    digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
+    settings: dict = {"model": model}
+    for name, value in inputs.items():
+        settings[name] = (f"sha256:{digest(value.read_bytes())}" if isinstance(value, Path)
+                          else value if isinstance(value, (int, str)) else f"sha256:{digest(json.dumps(value).encode())}")
+    settings.update(output_settings(config, sections))
+    pin_output(Path(out), settings, what)
+
+
 def _seed_prompts(path: Path) -> list[str]:
     """Few-shot pool from a JSONL of IFT examples or of prompts (`prompt` or `text` field)."""
     from .errors import InputError
@@ -149,6 +167,8 @@ def cmd_prompts(args) -> int:
     config = _load(args)
     pool = _seed_prompts(args.seed_prompts) if args.seed_prompts else [x.prompt for x in load_ift(config.data.ift)]
     options = prompt_options(_ready(config, args.model), args.num)
+    _pin_stage_output(args.out, "prompts", args.model, config, ["prompts"], few_shot_pool=pool,
+                      iteration=args.iteration, num_prompts=options["num_prompts"])
     with bar(options["num_prompts"], "prompts") as progress:
         prompts, attempts = generate_prompts(_generator(args, config), pool, args.out, iteration=args.iteration,
                                              seed=config.seed, progress=progress, **options)
@@ -164,6 +184,7 @@ def cmd_respond(args) -> int:
     config = _load(args)
     prompts = read_jsonl(args.prompts, Prompt)  # validated before minutes go into loading a model
     _ready(config, args.model)
+    _pin_stage_output(args.out, "candidates", args.model, config, ["candidates"], prompts=args.prompts)
     with bar(len(prompts) * config.candidates.n, "candidates") as progress:
         out = respond(_generator(args, config), prompts, args.out, seed=config.seed, progress=progress,
                       **respond_options(config))
@@ -180,6 +201,8 @@ def cmd_judge(args) -> int:
     prompts, candidates = read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate)
     check_links(args.candidates, candidates, "prompt_id", prompts, args.prompts)
     _ready(config, args.model)
+    _pin_stage_output(args.out, "judgments", args.model, config, ["judge"], prompts=args.prompts,
+                      candidates=args.candidates)
     with bar(len(candidates) * judgments_per_candidate(config), "judgments") as progress:
         out = run_judge(_generator(args, config), prompts, candidates, args.out, config, seed=config.seed,
                         progress=progress)

@@ -8,6 +8,7 @@ with a message that names the key. The resolved config is saved next to every ru
 from __future__ import annotations
 
 import importlib.resources
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -230,7 +231,9 @@ class EvalConfig(Section):
 class RunConfig(Section):
     """Everything a run needs. `srlm run --set section.key=value` overrides any field."""
 
-    seed: int = Field(0, description="Seed for sampling, shuffling and initialisation.")
+    # Below 2**31: stages derive their seeds from it (seed + 1000 t + stage), and transformers' set_seed takes
+    # 0 <= seed < 2**32 only.
+    seed: int = Field(0, ge=0, lt=2**31, description="Seed for sampling, shuffling and initialisation.")
     iterations: int = Field(2, ge=0, description="Self-rewarding iterations after M1 (2: M2 and M3).")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where models run.")
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -253,7 +256,37 @@ class RunConfig(Section):
             raise ValueError("prompts.min_words must not exceed prompts.max_words")
         if self.prompts.few_shot_human + self.prompts.few_shot_model == 0:
             raise ValueError("prompts.few_shot_human + prompts.few_shot_model must be at least 1")
+        if self.judge.mode == "expected" and self.generation.backend == "openai":
+            raise ValueError("judge.mode=expected reads the judge's next-token probabilities, which the openai "
+                             "backend does not get; use judge.mode=sample with it, or the hf or vllm backend")
+        e = self.eval
+        if e.h2h_judge.startswith(("http://", "https://")) and not e.h2h_judge_model:
+            raise ValueError(f"eval.h2h_judge={e.h2h_judge!r} is a server: name the model to ask it for with "
+                             "eval.h2h_judge_model")
         return self
+
+
+def flat_keys(config: BaseModel, sections: Sequence[str] | None = None) -> dict[str, Any]:
+    """The config as {"section.key": value} (JSON values; top-level keys as they are), of the named `sections` only
+    if given."""
+    out: dict[str, Any] = {}
+    for name, value in config.model_dump(mode="json").items():
+        if sections is not None and name not in sections:
+            continue
+        if isinstance(value, dict):
+            out.update({f"{name}.{key}": v for key, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def output_settings(config: BaseModel, sections: Sequence[str]) -> dict[str, Any]:
+    """What a stage's records depend on in the config (for pinning an output to it, rundir.pin_settings): the seed,
+    the model and generation settings and the stage's own `sections`, less how a server is waited for."""
+    settings = flat_keys(config, ["seed", "model", "generation", *sections])
+    for key in ("generation.timeout_s", "generation.max_retries"):
+        settings.pop(key, None)
+    return settings
 
 
 PRESETS = ("tiny", "paper")

@@ -297,12 +297,21 @@ def measure_judge(generator, replies: Sequence[RankedReply], out_dir: Path, conf
                   about: dict | None = None, progress=None) -> dict:
     """Judge every reply with the configured judge (judge.mode, judge.k) and compare with the humans:
     `out_dir/judgments.jsonl` (resumable) and `out_dir/judge_agreement.json`; returns what the latter holds."""
+    import hashlib
+
+    from .config import output_settings
     from .judging import run_judge
     from .pairs import candidate_scores
     from .records import atomic_write_text
+    from .rundir import pin_settings
 
     prompts, candidates = as_stage_records(replies)
     out_dir.mkdir(parents=True, exist_ok=True)
+    # judgments.jsonl resumes: only for the same replies, judge and seed (a resumed run may change eval.*).
+    replies_digest = hashlib.sha256(json.dumps([r.model_dump(mode="json") for r in replies]).encode()).hexdigest()
+    settings = {**(about or {}), "replies": f"{len(replies)}, sha256:{replies_digest[:16]}",
+                **output_settings(config, ["judge"])}
+    pin_settings(out_dir / "settings.json", settings, "judgments")
     judgments = run_judge(generator, prompts, candidates, out_dir / "judgments.jsonl", config, seed=seed,
                           progress=progress)
     result = {**(about or {}), **judge_agreement(replies, candidate_scores(judgments)).as_dict()}

@@ -30,9 +30,9 @@ import yaml
 from . import h2h, ifeval, models
 from .backends import close, make_generator, resolve_batch_size
 from .candidates import respond, respond_options
-from .config import RunConfig, config_to_yaml
+from .config import RunConfig, config_to_yaml, flat_keys
 from .dpo import train_dpo
-from .errors import JudgeIntegrityError, RunDirError
+from .errors import JudgeIntegrityError, ModelError, RunDirError
 from .evaluation import first_prompts, load_ranked, measure_judge
 from .judging import judgments_per_candidate, load_template, run_judge
 from .pairs import select_pairs
@@ -60,13 +60,7 @@ RESUMABLE_CHANGES = {"iterations", "judge.max_failure_rate", "judge.saturation_w
 
 
 def _changed_keys(a: RunConfig, b: RunConfig) -> set[str]:
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    fa, fb = flat(a.model_dump(mode="json")), flat(b.model_dump(mode="json"))
+    fa, fb = flat_keys(a), flat_keys(b)
     return {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
 
 
@@ -97,6 +91,7 @@ class Run:
             # Validate every input at the door, so that a typo never leaves a half-made run directory behind.
             self.template = load_template(config.judge.template)
             models.check(config.model)
+            self._check_backends(config)
             load_ift(config.data.ift, config.data.ift_limit)
             load_eft(config.data.eft, config.data.eft_limit)
             self._eval_sets()
@@ -107,6 +102,21 @@ class Run:
         self.template = load_template(config.judge.template)
         self._generator = None
         self._generator_model: Path | None = None
+
+    @staticmethod
+    def _check_backends(config: RunConfig) -> None:
+        """What the config asks to run on, checked before anything is made: vLLM installed if it is the backend,
+        and a head-to-head judge given as a model directory loadable."""
+        if config.generation.backend == "vllm":
+            import importlib.util
+
+            from .backends.vllm import INSTALL_HINT
+
+            if importlib.util.find_spec("vllm") is None:
+                raise ModelError(f"vLLM is not installed here; {INSTALL_HINT}")
+        e = config.eval
+        if e.h2h_prompts and e.h2h_judge != "self" and not e.h2h_judge.startswith(("http://", "https://")):
+            models.check(config.model.model_copy(update={"name_or_path": e.h2h_judge}))
 
     # -- helpers ---------------------------------------------------------------------------------------
     def _stage(self, name: str, work, load):
@@ -205,7 +215,10 @@ class Run:
         judgments = self._stage(f"iter_{t}.judgments", judgments_work,
                                 lambda: read_jsonl(folder / "judgments.jsonl", Judgment))
         self._release_generator()
-        self._check_judge(t, judgments)
+        if not self.dir.is_complete(f"iter_{t}.pairs"):
+            # The gate before pairs are made: an iteration past it was judged fit when it passed, and a resume that
+            # changes judge.max_failure_rate applies to the iterations still to come.
+            self._check_judge(t, judgments)
 
         selection = select_pairs(prompts, candidates, judgments, exclude_flagged=cfg.judge.exclude_flagged)
 

@@ -15,9 +15,13 @@ from .rundir import RunDir
 from .summary import format_table, iteration_stats
 
 
-def collect(root: Path, exclude_flagged: bool = True) -> dict[int, dict]:
+def collect(root: Path, exclude_flagged: bool | None = None) -> dict[int, dict]:
+    """Each finished iteration's statistics, from its records; pairs are selected as the run selected them
+    (`judge.exclude_flagged` of its config.yaml, unless `exclude_flagged` says otherwise)."""
     run = RunDir(root)
     run.open()
+    if exclude_flagged is None:
+        exclude_flagged = _run_excludes_flagged(run)
     stats: dict[int, dict] = {}
     t = 1
     while (run.iteration(t) / "pairs.jsonl").exists():
@@ -30,6 +34,16 @@ def collect(root: Path, exclude_flagged: bool = True) -> dict[int, dict]:
         stats[t] = iteration_stats(attempts, candidates, judgments, selection, len(prompts))
         t += 1
     return stats
+
+
+def _run_excludes_flagged(run: RunDir) -> bool:
+    import yaml
+
+    try:
+        saved = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        saved = {}
+    return bool((saved.get("judge") or {}).get("exclude_flagged", True))
 
 
 def plot(stats: dict[int, dict], path: Path) -> Path:

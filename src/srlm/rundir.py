@@ -113,13 +113,31 @@ class RunDir:
         self.write_manifest(manifest)
 
 
-def pin_settings(path: Path, settings: dict, what: str) -> None:
-    """Record the settings an output directory was started with (`path`, JSON) and refuse to continue it under
-    others: resumed files would mix two experiments. `what` names what the directory holds, for the message."""
+def pin_settings(path: Path, settings: dict, what: str, *, holder: Path | None = None,
+                 start_over: str = "delete the directory to start over") -> None:
+    """Record the settings an output was started with (`path`, JSON) and refuse to continue it under others:
+    resumed files would mix two experiments. `what` names what `holder` (by default the directory of `path`) holds,
+    and `start_over` how to begin afresh, for the message."""
     if path.exists():
         before = json.loads(path.read_text(encoding="utf-8"))
         if before != settings:
             changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v)
-            raise RunDirError(f"{path.parent}: holds {what} made with other settings ({changed}); use another "
-                              "--out, or delete the directory to start over")
+            raise RunDirError(f"{holder or path.parent}: holds {what} made with other settings ({changed}); use "
+                              f"another --out, or {start_over}")
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
+
+
+def pin_output(out: Path, settings: dict, what: str) -> None:
+    """`pin_settings` for a stage command's output file `out`, in `<out>.settings.json`: rerunning the stage into
+    `out` resumes it (from `<out>.partial`) or returns it as it is, under the same settings only; under others (a
+    different model, input or config) it would hand back, or continue, records of another experiment."""
+    sidecar = out.with_name(out.name + ".settings.json")
+    partial = out.with_name(out.name + ".partial")
+    if not out.exists() and not partial.exists():
+        sidecar.unlink(missing_ok=True)  # nothing left to continue: what it said no longer applies
+    elif not sidecar.exists():
+        raise RunDirError(f"{out}: exists, and no {sidecar.name} says what made it, so it cannot be told apart from "
+                          f"{what} of other settings; use another --out, or delete {out.name} (and "
+                          f"{partial.name}) to start over")
+    pin_settings(sidecar, settings, what, holder=out, start_over=f"delete {out.name} (and {partial.name}) to start "
+                                                                 "over")
