@@ -303,11 +303,16 @@ class RecordLog:
                 except ValidationError:
                     break
                 good += raw
-        # Rewrite without the torn tail so later appends start on a clean line.
-        with open(self.partial, "wb") as f:
-            f.write(good)
-            f.flush()
-            os.fsync(f.fileno())
+        # Rewrite without the torn tail so later appends start on a clean line; by rename, so that a kill now
+        # leaves the records as they were rather than an emptied file.
+        if len(good) < self.partial.stat().st_size:
+            tmp = self.partial.with_name(self.partial.name + ".tmp")
+            with open(tmp, "wb") as f:
+                f.write(good)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.partial)
+            fsync_dir(self.partial.parent)
 
     def append(self, records: Iterable[R]) -> None:
         new = [r for r in records if r.id not in self.done]
