@@ -153,19 +153,24 @@ def test_report_rebuilds_the_summary_from_files(reference_run, capsys):
     assert pairs_row.split()[2:] == [str(summary["iterations"][1]["pairs"]), str(summary["iterations"][2]["pairs"])]
 
 
-def test_report_selects_pairs_as_the_run_did(reference_run, tmp_path):
+def copy_with_records(root, dest, relative: str, edit):
+    """A copy of the run `root` at `dest`, each record of its JSONL file `relative` passed through edit(i, record)."""
     import shutil
 
+    shutil.copytree(root, dest)
+    path = dest / relative
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps(edit(i, r)) + "\n" for i, r in enumerate(rows)))
+    return dest
+
+
+def test_report_selects_pairs_as_the_run_did(reference_run, tmp_path):
     import yaml
 
     from srlm.report import collect
 
     root, summary, _ = reference_run
-    copy = tmp_path / "run"
-    shutil.copytree(root, copy)
-    candidates = copy / "iter_1" / "candidates.jsonl"
-    rows = [json.loads(line) for line in candidates.read_text().splitlines()]
-    candidates.write_text("".join(json.dumps({**r, "flagged": True}) + "\n" for r in rows))
+    copy = copy_with_records(root, tmp_path / "run", "iter_1/candidates.jsonl", lambda i, r: {**r, "flagged": True})
     config = yaml.safe_load((copy / "config.yaml").read_text())
     config["judge"]["exclude_flagged"] = False  # as if the run had let flagged candidates into pairs
     (copy / "config.yaml").write_text(yaml.safe_dump(config))
@@ -174,18 +179,12 @@ def test_report_selects_pairs_as_the_run_did(reference_run, tmp_path):
 
 
 def test_a_stricter_judge_gate_on_resume_applies_to_the_iterations_to_come(reference_run, tmp_path):
-    import shutil
-
     from srlm.errors import JudgeIntegrityError
 
     root, _, config = reference_run
-    copy = tmp_path / "run"
-    shutil.copytree(root, copy)
     # As if half of iteration 1's judgments had failed to parse: the run's gate (max_failure_rate=1) let it through.
-    judgments = copy / "iter_1" / "judgments.jsonl"
-    rows = [json.loads(line) for line in judgments.read_text().splitlines()]
-    rows = [{**r, "score": None, "error": "no 'Score: N' found"} if i % 2 else r for i, r in enumerate(rows)]
-    judgments.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    copy = copy_with_records(root, tmp_path / "run", "iter_1/judgments.jsonl",
+                             lambda i, r: {**r, "score": None, "error": "no 'Score: N' found"} if i % 2 else r)
     strict = config.model_copy(update={"judge": config.judge.model_copy(update={"max_failure_rate": 0.2})})
     run(strict, copy, resume=True)  # iterations 1 and 2 were trained: not stopped again
     manifest = json.loads((copy / "manifest.json").read_text())
