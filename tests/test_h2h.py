@@ -24,6 +24,7 @@ from srlm.h2h import (
     bootstrap_ci,
     combine,
     fill_pairwise,
+    judge_pairs,
     length_controlled_win_rate,
     load_instructions,
     load_outputs,
@@ -50,6 +51,8 @@ REFERENCE = FIXTURES / "h2h_reference_outputs.json"
     ("Winner: draw", "tie"),
     ("Winner: A. The winner is clear.", "A"),
     ("Winner: B\n...\nWinner: B", "B"),  # repeated, agreeing
+    ("Winner: a tie", "tie"),
+    ("Winner: A tie between the two.", "tie"),
 ])
 def test_verdicts_that_parse(text, label):
     assert parse_verdict(text) == (label, None)
@@ -64,6 +67,10 @@ def test_verdicts_that_parse(text, label):
     ("give your verdict on a final line: Winner: A (Response A is better), Winner: B (Response B is better) or "
      "Winner: tie (neither is better).", "conflicting verdicts (A, B, tie)"),
     ("Winner: both", "'Winner: both' is not A, B or tie"),
+    ("Winner: A/B/tie", "the format copied from the prompt instead of a verdict"),
+    ("Winner: [A|B|tie]", "the format copied from the prompt instead of a verdict"),
+    ("Winner: A and B are equally good", "'Winner: a and b' names both"),
+    ("The breadwinner: B", "no 'Winner: A/B/tie' found"),
     ("Winner:", "'Winner:' without a verdict"),
     ("", "no 'Winner: A/B/tie' found"),
 ])
@@ -337,9 +344,11 @@ def test_h2h_end_to_end_with_a_judge_behind_an_openai_compatible_server(tiny_mod
         assert all(1 <= o["n_tokens"] <= 8 for o in outputs_a + outputs_b)
         verdicts = read_jsonl(out / "verdicts.jsonl")
         assert len(verdicts) == 14 and {v["order"] for v in verdicts} == {"ab", "ba"}
-        by_id = {v["id"]: v for v in verdicts}
-        assert by_id["p5-ab"] == {"id": "p5-ab", "prompt_id": "p5", "order": "ab", "text": "Both fine.", "label": None,
-                                  "winner": None, "error": "no 'Winner: A/B/tie' found"}
+        by_id = {f"{v['prompt_id']}-{v['order']}": v for v in verdicts}
+        assert by_id["p5-ab"]["id"].startswith("p5-ab-")  # and a digest of the texts judged
+        assert {k: v for k, v in by_id["p5-ab"].items() if k != "id"} == {
+            "prompt_id": "p5", "order": "ab", "text": "Both fine.", "label": None, "winner": None,
+            "error": "no 'Winner: A/B/tie' found"}
         assert (by_id["p2-ba"]["label"], by_id["p2-ba"]["winner"]) == ("A", "b")  # B's response shown first, won
 
         # Judged: p0 win, p1 win, p2 loss, p3 tie (orders disagree), p4 tie; p5 and p6 excluded.
@@ -436,3 +445,31 @@ def test_h2h_help(capsys):
     assert done.value.code == 0
     out = capsys.readouterr().out
     assert "usage: srlm eval h2h" in out and "--b-outputs FILE" in out and "--judge-url URL" in out
+
+
+def test_resumed_verdicts_are_kept_only_for_the_texts_they_judged(tmp_path):
+    """outputs.json exported again to the same path, with other texts: the comparison must judge the new texts,
+    not hand back the verdicts the old ones got."""
+    from srlm.backends import Completion
+
+    class PrefersGood:
+        def __init__(self):
+            self.requests = 0
+
+        def generate(self, requests, params):
+            self.requests += len(requests)
+            verdicts = []
+            for r in requests:
+                shown_first = r[0]["content"].split("[Response A]")[1].split("[End of Response A]")[0]
+                verdicts.append("Winner: A" if "GOOD" in shown_first else "Winner: B")
+            return [Completion(text=v, n_tokens=2, truncated=False) for v in verdicts]
+
+    def outputs(text):
+        return [H2HOutput(id="p0", instruction="Say something.", text=text, generator="x")]
+
+    judge, path = PrefersGood(), tmp_path / "verdicts.jsonl"
+    first = judge_pairs(judge, outputs("GOOD"), outputs("meh"), path)
+    assert [v.winner for v in first] == ["a", "a"] and judge.requests == 2
+    assert judge_pairs(judge, outputs("GOOD"), outputs("meh"), path) == first and judge.requests == 2  # resumed
+    again = judge_pairs(judge, outputs("bad"), outputs("GOOD"), path)
+    assert [v.winner for v in again] == ["b", "b"] and judge.requests == 4

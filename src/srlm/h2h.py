@@ -237,7 +237,9 @@ def fill_pairwise(template: str, instruction: str, first: str, second: str) -> s
 
 
 # The rest of the line up to any next "winner", so that each "Winner:" on a line is read on its own.
-_WINNER = re.compile(r"winner[*_\s]*[:=](?P<rest>(?:(?!winner)[^\n])*)", re.IGNORECASE)
+_WINNER = re.compile(r"\bwinner[*_\s]*[:=](?P<rest>(?:(?!winner)[^\n])*)", re.IGNORECASE)
+# "A/B/tie", "[A|B|tie]": the prompt's format, copied.
+_CHOICES = re.compile(r"\b(?:a|b|tie)\s*[/|]\s*(?:a|b|tie)\b", re.IGNORECASE)
 _LABELS = {"a": "A", "b": "B", "tie": "tie", "draw": "tie"}
 _FILLER = {"response", "output", "assistant", "model", "the"}
 
@@ -250,8 +252,12 @@ def _one_verdict(rest: str) -> tuple[str | None, str | None]:
         words.pop(0)
     if not words:
         return None, "'Winner:' without a verdict"
-    if "or" in words[1:3]:
+    if "or" in words[1:3] or _CHOICES.search(rest):
         return None, "the format copied from the prompt instead of a verdict"
+    if words[0] == "a" and words[1:2] and words[1] in ("tie", "draw"):
+        return "tie", None  # "a tie", not Response A
+    if words[1:2] == ["and"]:
+        return None, f"'Winner: {' '.join(words[:3])}' names both"
     label = _LABELS.get(words[0])
     if label is None:
         return None, f"'Winner: {words[0]}' is not A, B or tie"
@@ -562,7 +568,7 @@ def judge_pairs(generator: Generator, outputs_a: Sequence[H2HOutput], outputs_b:
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
     batches = plan_batches(work, lambda w: len(w[0].instruction) + len(w[0].text) + len(w[1].text), batch_size)
     for index, batch in enumerate(batches):
-        ids = [f"{a.id}-{order}" for a, _, order in batch]
+        ids = [_verdict_id(a, b, order) for a, b, order in batch]
         if all(i in log.done for i in ids):
             continue
         requests = [pairwise_request(template, a, b, order) for a, b, order in batch]
@@ -575,9 +581,16 @@ def judge_pairs(generator: Generator, outputs_a: Sequence[H2HOutput], outputs_b:
                                        winner=model_winner(label, order), error=error))
         log.append(records)
     by_id = {v.id: v for v in log.finish()}
-    ordered = [by_id[f"{a.id}-{order}"] for a in outputs_a for order in ORDERS]
+    ordered = [by_id[_verdict_id(a, b_by_id[a.id], order)] for a in outputs_a for order in ORDERS]
     _in_prompt_order(out_path, ordered, by_id)
     return ordered
+
+
+def _verdict_id(a: H2HOutput, b: H2HOutput, order: Order) -> str:
+    """A verdict's id names the texts it judged, so that resuming a comparison whose outputs changed (a file of
+    outputs exported again to the same path) judges the new texts instead of keeping the old texts' verdicts."""
+    digest = hashlib.sha256("\0".join((a.instruction, a.text, b.text)).encode()).hexdigest()[:12]
+    return f"{a.id}-{order}-{digest}"
 
 
 def check_settings(out_dir: Path, settings: dict) -> None:
