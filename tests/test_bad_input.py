@@ -91,6 +91,8 @@ CASES = [
     ("inconsistent values", lambda t: ["config", "--set", "sft.min_learning_rate=1"], 3,
      ["sft.min_learning_rate must not exceed sft.learning_rate"]),
     ("override without =", lambda t: ["config", "--set", "candidates.n"], 3, ["expected key=value"]),
+    ("batch not a multiple of the micro-batch", lambda t: ["config", "--set", "dpo.micro_batch_size=3"], 3,
+     ["dpo.batch_size=4 is not a multiple of dpo.micro_batch_size=3"]),
     ("seed out of range", lambda t: ["run", "--set", "seed=-1", "--out", str(t / "run")], 3, ["seed"]),
     ("expected judge on a server", lambda t: ["run", "--set", "judge.mode=expected", "--set",
                                               "generation.backend=openai", "--set",

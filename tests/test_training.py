@@ -177,3 +177,55 @@ def test_finishing_publishes_the_model_and_leaves_no_work_directory(tmp_path, ti
     out = finish(Trainer, AutoTokenizer.from_pretrained(tiny_model), tmp_path / "M2", work)
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "llama"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["M2"]
+
+
+def test_weights_train_in_fp32_when_sampling_is_in_bf16(tiny_model, tmp_path, monkeypatch):
+    """model.dtype=auto samples in bf16 on a GPU; trained in bf16, weights would hardly move at the paper's learning
+    rates (the steps round away), so SFT and DPO load the weights, and DPO's reference, in fp32 (bf16 is autocast)."""
+    import torch
+    from trl import DPOTrainer, SFTTrainer
+
+    seen = []
+    for trainer in (SFTTrainer, DPOTrainer):
+        original = trainer.__init__
+
+        def spy(self, *args, _original=original, **kwargs):
+            seen.append((kwargs["model"].dtype, kwargs.get("ref_model") and kwargs["ref_model"].dtype))
+            _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(trainer, "__init__", spy)
+    config = tiny_config(tiny_model, "model.dtype=bfloat16", "sft.epochs=1", "sft.save_steps=100", "dpo.save_steps=100")
+    ift = [IFTExample(id="a", prompt="Name a colour.", response="Blue.")]
+    train_sft(tiny_model, ift, [], tmp_path / "M1", config)
+    pairs = [Pair(id="p", prompt_id="q", prompt=ift[0].prompt, chosen_id="c", rejected_id="r", chosen="Blue.",
+                  rejected="Colours are many.", chosen_score=4, rejected_score=1)]
+    train_dpo(tmp_path / "M1", pairs, tmp_path / "M2", config, reference_path=tiny_model)
+    assert seen == [(torch.float32, None), (torch.float32, torch.float32)]
+
+
+def test_only_the_main_process_publishes_and_all_wait_for_it(tmp_path, tiny_model):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from srlm.training import finish
+
+    events = []
+
+    class Accelerator:
+        def __init__(self, main):
+            self.is_main_process = main
+
+        def wait_for_everyone(self):
+            events.append("barrier")
+
+    class Trainer:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    work = tmp_path / "M2.work"
+    work.mkdir()
+    Trainer.accelerator = Accelerator(main=False)
+    finish(Trainer, tokenizer, tmp_path / "M2", work)
+    assert events == ["barrier", "barrier"] and not (tmp_path / "M2").exists() and work.exists()
+    Trainer.accelerator = Accelerator(main=True)
+    finish(Trainer, tokenizer, tmp_path / "M2", work)
+    assert (tmp_path / "M2" / "model.safetensors").exists() and not work.exists()

@@ -256,6 +256,11 @@ class RunConfig(Section):
             raise ValueError("prompts.min_words must not exceed prompts.max_words")
         if self.prompts.few_shot_human + self.prompts.few_shot_model == 0:
             raise ValueError("prompts.few_shot_human + prompts.few_shot_model must be at least 1")
+        for name in ("sft", "dpo"):
+            section = getattr(self, name)
+            if section.micro_batch_size < section.batch_size and section.batch_size % section.micro_batch_size:
+                raise ValueError(f"{name}.batch_size={section.batch_size} is not a multiple of {name}.micro_batch_size="
+                                 f"{section.micro_batch_size}: a step would be another number of examples")
         if self.judge.mode == "expected" and self.generation.backend == "openai":
             raise ValueError("judge.mode=expected reads the judge's next-token probabilities, which the openai "
                              "backend does not get; use judge.mode=sample with it, or the hf or vllm backend")

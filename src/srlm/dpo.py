@@ -1,8 +1,8 @@
 """DPO (PAPER.md §4.5): M(t+1) is M(t) trained on AIFT(M(t)), the pairs M(t) made and judged itself.
 
 The reference model is M(t) (the paper) or, with `dpo.reference: m1`, a fixed M1. Reference
-log-probabilities are computed once before training (they never change), so the reference model is not
-kept in memory during training. Resumable from the last Trainer checkpoint in `<out>.work/`.
+log-probabilities are computed once before training (they never change), not at every step; the M(t) reference
+is the policy's own starting weights, while an M1 reference stays loaded for the stage (TRL keeps it). Resumable from the last Trainer checkpoint in `<out>.work/`.
 """
 from __future__ import annotations
 
@@ -38,17 +38,17 @@ def train_dpo(
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import finish, last_checkpoint, scored_positions_only, training_arguments
+    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, training_arguments
 
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
     device = pick_device(config.device)
     work_dir = out_dir.with_name(out_dir.name + ".work")
     tokenizer = load_tokenizer(model_path, config.model)
-    model = load_model(model_path, config.model, device, dropout=config.dpo.dropout)
+    model = load_model(model_path, config.model, device, dropout=config.dpo.dropout, dtype=TRAINING_DTYPE)
     ref_model = None
     if reference_path is not None and Path(reference_path) != Path(model_path):
-        ref_model = load_model(reference_path, config.model, device).eval()
+        ref_model = load_model(reference_path, config.model, device, dtype=TRAINING_DTYPE).eval()
     args = DPOConfig(
         **training_arguments(config.dpo, work_dir=work_dir, device=device, seed=config.seed),
         beta=config.dpo.beta,

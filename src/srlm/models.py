@@ -257,8 +257,13 @@ def load_tokenizer(path: Path | str, model: ModelConfig):
 
 
 def load_model(path: Path | str, model: ModelConfig, device: str, *, dropout: float | None = None, dtype=None):
-    """Load a causal LM from safetensors only (no pickled weights: a checkpoint must not run code)."""
+    """Load a causal LM from safetensors only (no pickled weights: a checkpoint must not run code), in `dtype` (a
+    torch dtype or its name) or else as model.dtype says for `device`."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
 
     kwargs = dict(trust_remote_code=model.trust_remote_code, local_files_only=not model.allow_online)
     config = AutoConfig.from_pretrained(path, **kwargs)

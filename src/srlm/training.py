@@ -13,6 +13,11 @@ import os
 import shutil
 from pathlib import Path
 
+# Weights train in fp32 whatever model.dtype samples in: AdamW's steps at the paper's learning rates (1e-7 to 5.5e-6)
+# are below bf16's spacing near weights of ~0.04 (1.5e-4), so bf16 weights would hardly move. bf16 comes in as
+# autocast over the fp32 weights (sft.bf16 / dpo.bf16).
+TRAINING_DTYPE = "float32"
+
 
 def training_arguments(section, *, work_dir: Path, device: str, seed: int) -> dict:
     """Keyword arguments for a TRL config (SFTConfig / DPOConfig) from an `sft` or `dpo` config section."""
@@ -117,10 +122,18 @@ def finish(trainer, tokenizer, out_dir: Path, work_dir: Path) -> Path:
     the removal cannot leave a half-deleted checkpoint there for a rerun to resume from."""
     from .models import save_checkpoint
 
-    save_checkpoint(trainer.model, tokenizer, out_dir)
-    trash = work_dir.with_name(work_dir.name + ".deleting")
-    shutil.rmtree(trash, ignore_errors=True)
-    if work_dir.exists():
-        os.replace(work_dir, trash)
-    shutil.rmtree(trash, ignore_errors=True)
+    # Under `accelerate launch` every process gets here: one publishes, after all have finished training, and the
+    # others wait for it, so that none reads or removes what another is writing.
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    if accelerator is None or accelerator.is_main_process:
+        save_checkpoint(trainer.model, tokenizer, out_dir)
+        trash = work_dir.with_name(work_dir.name + ".deleting")
+        shutil.rmtree(trash, ignore_errors=True)
+        if work_dir.exists():
+            os.replace(work_dir, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return out_dir
