@@ -83,6 +83,8 @@ GOOD = {"key": 1, "prompt": "Say hi without commas.", "instruction_id_list": ["p
     ({**GOOD, "kwargs": [{"num_words": 5}]}, ":2: field 'kwargs.0'", "not valid arguments"),
     ({**GOOD, "key": 2, "instruction_id_list": ["length_constraints:number_words"],
       "kwargs": [{"num_words": "5", "relation": "at least"}]}, ":2: field 'kwargs.0'", "not valid arguments"),
+    ({**GOOD, "key": 2, "instruction_id_list": ["keywords:existence"], "kwargs": [{"keywords": "apple"}]},
+     ":2: field 'kwargs.0.keywords'", "expected a list of words, e.g. ['apple'], found a string"),
     (GOOD, ":2: field 'key'", "duplicate key 1 (first on line 1)"),
 ])
 def test_bad_lines_name_file_line_and_field(tmp_path, bad, where, message):

@@ -114,6 +114,15 @@ def test_dolly_keeps_context_and_category():
     assert report.dropped == Counter({"duplicate prompt": 1})
 
 
+def test_sharegpt_ids_of_rows_without_one_never_meet_the_ids_rows_give(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    turns = lambda q: [{"from": "human", "value": q}, {"from": "gpt", "value": "ok"}]
+    path.write_text(json.dumps({"id": "2", "conversations": turns("First?")}) + "\n"
+                    + json.dumps({"conversations": turns("Second?")}) + "\n")
+    records, _ = read_sharegpt(path, "ift")
+    assert [r.id for r in records] == ["sharegpt-2", "sharegpt-line2"]
+
+
 def test_sharegpt_first_human_turn_and_its_reply():
     records, report = read_sharegpt(DATA / "sharegpt.json", "ift")
     assert records == [IFTExample(id="sharegpt-c1", prompt="What is 7 times 6?", response="42."),

@@ -234,6 +234,9 @@ def mean_words(texts: Sequence[str]) -> float | None:
 
 # -- files -------------------------------------------------------------------------------------------------------
 
+LIST_ARGUMENTS = {"keywords", "forbidden_words"}  # IFEval's arguments that are lists of words
+
+
 def _problem(row: IFEvalPrompt) -> tuple[str, str] | None:
     """What makes a parsed row unusable, as (field, message), or None."""
     registry = _registry()
@@ -247,6 +250,10 @@ def _problem(row: IFEvalPrompt) -> tuple[str, str] | None:
         return "kwargs", (f"has {len(row.kwargs)} entries for {len(row.instruction_id_list)} instructions (one "
                           "object per instruction, {} for one without arguments)")
     for i, (instruction_id, kwargs) in enumerate(zip(row.instruction_id_list, row.kwargs)):
+        for name in LIST_ARGUMENTS & kwargs.keys():
+            if kwargs[name] is not None and not isinstance(kwargs[name], list):
+                # A checker would take the string's letters for the words: "apple" -> "a", "e", "l", "p".
+                return f"kwargs.{i}.{name}", f"expected a list of words, e.g. [{kwargs[name]!r}], found a string"
         try:
             checker = _checker(instruction_id, kwargs, row.prompt)
             # Most checkers store their arguments unchecked: a "300" for 300 would only fail mid-scoring.

@@ -307,7 +307,8 @@ def _sharegpt(rows: list[tuple[Loc, ShareGPTRow]], to: str, lang: str | None, re
         if to == "ift" and reply is None:
             yield "no gpt reply to the first human turn"
             continue
-        yield _Item(f"sharegpt-{row.id if row.id is not None else loc.number}", turns[0].value, reply)
+        # A row without an id is named by its line, apart from the ids rows give ("2" and line 2 must not meet).
+        yield _Item(f"sharegpt-{row.id}" if row.id is not None else f"sharegpt-line{loc.number}", turns[0].value, reply)
 
 
 def _chat(rows: list[tuple[Loc, ChatRow]], to: str, lang: str | None, report: ImportReport) -> Converted:
