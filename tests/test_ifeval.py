@@ -170,6 +170,16 @@ def test_cli_generates_with_a_tiny_model_and_resumes(tiny_model, tmp_path, capsy
     assert (out / "responses.jsonl").read_text() == before
     assert main([*args, "--max-new-tokens", "9"]) == 5  # would mix responses made under two settings
     assert "max_new_tokens: 8 -> 9" in capsys.readouterr().err
+    assert main([*args, "--set", "generation.dtype=float32"]) == 5  # so would another precision
+    assert "generation.dtype: 'auto' -> 'float32'" in capsys.readouterr().err
+    # The data file changed under the same keys: the responses kept answer other prompts.
+    other = tmp_path / "other.jsonl"
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    other.write_text("".join(json.dumps({**r, "prompt": r["prompt"] + " Thanks."}) + "\n" for r in rows))
+    changed = [a if a != str(DATA) else str(other) for a in args]
+    (out / "generation.json").write_text((out / "generation.json").read_text().replace(str(DATA), str(other)))
+    assert main(changed) == 5
+    assert "holds a response to key 1 for another prompt than the data's" in capsys.readouterr().err
 
 
 def test_checks_run_with_no_nltk_data_and_download_nothing(tmp_path):

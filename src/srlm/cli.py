@@ -339,6 +339,7 @@ def cmd_eval_ifeval(args) -> int:
     import json
 
     from . import ifeval
+    from .config import output_settings
     from .records import atomic_write_text, write_jsonl
 
     if (args.model is None) == (args.responses is None):
@@ -355,7 +356,8 @@ def cmd_eval_ifeval(args) -> int:
         config = _ready(_load(args), args.model)
         model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
         ifeval.check_settings(args.out, dict(model=model, data=str(args.data.resolve()),
-                                             max_new_tokens=args.max_new_tokens, temperature=0.0))
+                                             max_new_tokens=args.max_new_tokens, temperature=0.0,
+                                             **output_settings(config, [])))
         responses = ifeval.generate_responses(_generator(args, config), rows, args.out / "responses.jsonl",
                                               max_new_tokens=args.max_new_tokens,
                                               batch_size=config.generation.batch_size, seed=config.seed)

@@ -40,7 +40,7 @@ from typing import Any
 from pydantic import field_validator
 
 from .backends import Generator, SamplingParams, batch_params, plan_batches
-from .errors import InputError, SrlmError
+from .errors import InputError, RunDirError, SrlmError
 from .records import Record, RecordLog, _non_empty, scan_jsonl
 from .rundir import pin_settings
 
@@ -362,6 +362,11 @@ def generate_responses(
     `rows` (an earlier, larger --limit), and only those of `rows` are returned.
     """
     log = RecordLog(out_path, IFEvalResponse)
+    asked = {str(r.key): r.prompt for r in log.records}
+    other = next((r for r in rows if asked.get(str(r.key), r.prompt) != r.prompt), None)
+    if other is not None:  # the data file changed under the same keys: its responses answer other prompts
+        raise RunDirError(f"{out_path}: holds a response to key {other.key} for another prompt than the data's "
+                          f"({asked[str(other.key)][:60]!r}...); use another --out, or delete it to start over")
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
     for index, batch in enumerate(plan_batches(list(rows), lambda r: len(r.prompt), batch_size)):
         if all(str(r.key) in log.done for r in batch):

@@ -291,6 +291,8 @@ class Run:
                                                     self.config, seed=self.config.seed, progress=bar,
                                                     about={"data": str(e.judge_data), "split": e.judge_split})
             if rows is not None:
+                # A resumed run may change eval.ifeval_*: the responses resume only under the same cap.
+                ifeval.check_settings(folder / "ifeval", dict(max_new_tokens=e.ifeval_max_new_tokens))
                 with _bar(len(rows), f"eval {name} ifeval") as bar:
                     responses = ifeval.generate_responses(
                         self._generator_for(model), rows, folder / "ifeval" / "responses.jsonl",
