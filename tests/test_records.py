@@ -48,6 +48,17 @@ def test_roundtrip_and_blank_lines(tmp_path):
     assert not (tmp_path / "p.jsonl.tmp").exists()
 
 
+def test_a_byte_order_mark_before_the_first_line_is_read_past(tmp_path):
+    from srlm.importers import read_alpaca
+
+    path = tmp_path / "ift.jsonl"
+    write(path, [b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n", json.dumps({**GOOD, "id": "b"})])
+    assert [r.id for r in read_jsonl(path, IFTExample)] == ["a", "b"]
+    alpaca = tmp_path / "alpaca.jsonl"
+    write(alpaca, [b"\xef\xbb\xbf" + json.dumps({"instruction": "Say hi.", "output": "Hi."}).encode() + b"\n"])
+    assert [r.prompt for r in read_alpaca(alpaca)[0]] == ["Say hi."]
+
+
 def cand(i: int) -> Candidate:
     return Candidate(id=f"c{i}", prompt_id="p", index=i, text=f"t{i}")
 

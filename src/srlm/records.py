@@ -133,6 +133,8 @@ def describe_error(error: dict) -> tuple[str, str]:
 
 def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
     """One JSONL line as a validated record (None for a blank line); InputError names file, line and field."""
+    if number == 1:
+        raw = raw.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark some Windows editors begin UTF-8 files with
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
