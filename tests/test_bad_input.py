@@ -158,6 +158,9 @@ CASES = [
     # -- models: exit 6 -----------------------------------------------------------------------------------
     ("model path missing", lambda t: ["run", "--set", f"model.name_or_path={t / 'none'}", "--out", str(t / "run")], 6,
      ["no such directory"]),
+    ("stage model path missing", lambda t: ["respond", "--model", str(t / "none"), "--prompts",
+                                            str(put(t, "p.jsonl", jsonl({"id": "p", "text": "Q?", "iteration": 1}))),
+                                            "--out", str(t / "c.jsonl")], 6, ["--model '", "none': no such directory"]),
     ("model dir without config.json", lambda t: ["run", "--set", f"model.name_or_path={model_dir(t, {})}",
                                                  "--out", str(t / "run")], 6, ["no config.json"]),
     ("pickled weights only", lambda t: ["run", "--set", "model.name_or_path=" + model_dir(

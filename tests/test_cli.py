@@ -57,6 +57,22 @@ def test_config_list_explains_every_key(capsys):
     assert "judge.k = 3\n    Judgments per candidate, averaged (PAPER.md §4.3: 3)." in out
 
 
+def test_config_list_shows_the_values_a_run_would_use_beside_the_defaults(capsys):
+    assert main(["config", "--list"]) == 0  # the tiny preset
+    assert "\nprompts.num_prompts = 6   (default: 64)\n" in capsys.readouterr().out
+    assert main(["config", "--list", "--preset", "paper", "--set", "judge.k=5"]) == 0
+    out = capsys.readouterr().out
+    assert "\nprompts.num_prompts = 8000   (default: 64)\n" in out and "\njudge.k = 5   (default: 3)\n" in out
+
+
+def test_output_cut_short_by_its_reader_is_no_error():
+    import subprocess
+
+    done = subprocess.run(f"{sys.executable} -m srlm.cli config --list | head -1", shell=True, capture_output=True,
+                          text=True)
+    assert done.stdout == "seed = 0\n" and "Traceback" not in done.stderr
+
+
 def test_config_prints_the_resolved_preset(capsys):
     assert main(["config", "--preset", "paper", "--set", "candidates.n=5"]) == 0
     out = capsys.readouterr().out
@@ -110,6 +126,34 @@ def test_pairs_stage_alone(tmp_path, capsys):
                  "--judgments", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "pairs.jsonl")]) == 0
     pair = json.loads((tmp_path / "pairs.jsonl").read_text())
     assert (pair["chosen_id"], pair["rejected_id"]) == ("c1", "c0")
+    # A tie: no pair, written as such, and not a success (what `srlm run` stops on).
+    write_jsonl(tmp_path / "j.jsonl", [Judgment(id=f"j{i}", candidate_id=f"c{i}", prompt_id="p", sample=0, text="",
+                                                score=3.0) for i in range(2)])
+    capsys.readouterr()
+    assert main(["pairs", "--prompts", str(tmp_path / "p.jsonl"), "--candidates", str(tmp_path / "c.jsonl"),
+                 "--judgments", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "pairs.jsonl")]) == 7
+    assert (tmp_path / "pairs.jsonl").read_text() == "" and "no preference pairs" in capsys.readouterr().err
+
+
+def test_judging_that_fails_to_parse_too_often_is_written_and_exits_7(tmp_path, capsys, monkeypatch):
+    from srlm import cli
+    from srlm.backends import Completion
+    from srlm.records import Candidate, Judgment, Prompt, read_jsonl, write_jsonl
+
+    class Rambler:  # never concludes with "Score: N"
+        def generate(self, requests, params):
+            return [Completion(text="It is fine.", n_tokens=3, truncated=False) for _ in requests]
+
+    monkeypatch.setattr(cli, "_generator", lambda args, config: Rambler())
+    monkeypatch.setattr(cli, "_pin_stage_output", lambda *a, **k: None)  # no model to fingerprint here
+    write_jsonl(tmp_path / "p.jsonl", [Prompt(id="p", text="Q?", iteration=1)])
+    write_jsonl(tmp_path / "c.jsonl", [Candidate(id="c0", prompt_id="p", index=0, text="a")])
+    code = main(["judge", "--model", "served", "--prompts", str(tmp_path / "p.jsonl"), "--candidates",
+                 str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "j.jsonl"), "--set", "generation.backend=openai",
+                 "--set", "generation.base_url=http://localhost:1/v1", "--set", "judge.k=2"])
+    assert code == 7
+    assert len(read_jsonl(tmp_path / "j.jsonl", Judgment)) == 2
+    assert "these judgments: 100.0% of judgments did not parse" in capsys.readouterr().err
 
 
 def test_a_stage_rerun_into_its_output_resumes_it_only_under_the_same_settings(tiny_model, tmp_path, capsys):
@@ -119,8 +163,13 @@ def test_a_stage_rerun_into_its_output_resumes_it_only_under_the_same_settings(t
 
     prompts = tmp_path / "p.jsonl"
     write_jsonl(prompts, [Prompt(id=f"p{i}", text=f"Say {w}.", iteration=1) for i, w in enumerate(["hi", "yes"])])
+    import os
+    import shutil
+
+    model = tmp_path / "M1"
+    shutil.copytree(tiny_model, model)
     out = tmp_path / "c.jsonl"
-    respond = ["respond", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out),
+    respond = ["respond", "--model", str(model), "--prompts", str(prompts), "--out", str(out),
                "--set", "candidates.n=2", "--set", "candidates.max_new_tokens=4"]
     assert main(respond) == 0
     first = read_jsonl(out, Candidate)
@@ -130,6 +179,11 @@ def test_a_stage_rerun_into_its_output_resumes_it_only_under_the_same_settings(t
     assert main([*respond, "--set", "candidates.temperature=0.2"]) == 5
     err = capsys.readouterr().err
     assert "c.jsonl: holds candidates made with other settings" in err and "candidates.temperature: 0.7 -> 0.2" in err
+    weights = model / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))  # trained again, in place
+    assert main(respond) == 5 and f"model: '{model.resolve()} (" in capsys.readouterr().err
+    shutil.rmtree(model)
+    shutil.copytree(tiny_model, model, copy_function=shutil.copy2)
     write_jsonl(prompts, [Prompt(id="p0", text="Say no.", iteration=1)])
     assert main(respond) == 5 and "prompts: 'sha256:" in capsys.readouterr().err
     out.unlink()  # starting over: the settings file alone does not hold the output back

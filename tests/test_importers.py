@@ -316,6 +316,9 @@ def test_select_eft_keeps_agreeing_prompts_and_picks_the_judgment_nearest_the_me
     assert (report.read, report.kept) == (4, 1)
     assert report.dropped == Counter({DISAGREE: 1, NO_PARSED: 1, JUDGE_TIE: 1})
     assert report.details["scores before"] == {2: 1, 4: 1}
+    # Two scores, one example each: no cap keeps either under 30%, and the report says so rather than claim it.
+    assert report.details["examples after flattening (at most 1 per score; 2 scores present, so one holds 50%, over "
+                          "30%)"] == 2
 
 
 def test_select_eft_flattens_the_score_distribution_deterministically(tmp_path):
@@ -326,6 +329,7 @@ def test_select_eft_flattens_the_score_distribution_deterministically(tmp_path):
         judgments += judged(f"p{n}-0", 4) + judged(f"p{n}-1", n % 4)
     examples, report = select_eft(replies, judgments, seed=1)
     assert report.kept == 20 and report.details["scores before"] == {0: 5, 1: 5, 2: 5, 3: 5, 4: 20}
+    assert report.details["examples after flattening (at most 8 per score; none over 30%)"] == 28
     # The largest cap that leaves no score over 30%: 8 (8/28 = 29%; 9 would give 9/29 = 31%).
     assert report.details["scores after"] == {0: 5, 1: 5, 2: 5, 3: 5, 4: 8}
     assert max(Counter(e.score for e in examples).values()) / len(examples) <= 0.3
@@ -411,7 +415,7 @@ def test_cli_imports_alpaca_to_ift(tmp_path, capsys):
     assert ids(read_jsonl(out, IFTExample)) == ["alpaca-0", "alpaca-1"]
     captured = capsys.readouterr()
     assert "read 4 rows, kept 2, dropped 2" in captured.err and "1 duplicate prompt" in captured.err
-    assert f"2 ift records -> {out}" in captured.out
+    assert f"2 records (ift) -> {out}" in captured.out
     assert validate(ift=out).ok
 
 

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import OutputError, SrlmError
+from .errors import JudgeIntegrityError, OutputError, SrlmError
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -52,10 +52,14 @@ def _load(args, extra: list[str] | None = None):
     return load_config(args.config, args.preset, [*(extra or []), *args.overrides])
 
 
-def _model_path(name: str, config):
+def _model_path(name: str, config, option: str = "--model"):
     from . import models
+    from .errors import ModelError
 
-    return models.resolve(config.model.model_copy(update={"name_or_path": name}))
+    try:
+        return models.resolve(config.model.model_copy(update={"name_or_path": name}))
+    except ModelError as e:  # named as the user gave it: an option here, not the config key
+        raise ModelError(str(e).replace(f"model.name_or_path={name!r}", f"{option} {name!r}")) from e
 
 
 def cmd_run(args) -> int:
@@ -96,9 +100,10 @@ def cmd_sft(args) -> int:
     config = _load(args)
     ift = load_ift(args.ift or config.data.ift, config.data.ift_limit)
     eft = [] if args.ift_only else load_eft(args.eft or config.data.eft, config.data.eft_limit)
+    start = time.time()
     out = train_sft(_model_path(args.model, config), ift, eft, args.out, config,
                     template=load_template(config.judge.template))
-    print(out)
+    print(f"SFT of {args.model} on {len(ift)} IFT + {len(eft)} EFT examples in {time.time() - start:.0f} s -> {out}")
     return 0
 
 
@@ -134,15 +139,25 @@ def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[s
     import json
 
     from .config import output_settings
+    from .models import fingerprint
     from .rundir import pin_output
 
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
-    settings: dict = {"model": model}
+    # The weights, not only the name: a model trained again into the same directory makes other records.
+    settings: dict = {"model": model if config.generation.backend == "openai" else fingerprint(_model_path(model, config))}
     for name, value in inputs.items():
         settings[name] = (f"sha256:{digest(value.read_bytes())}" if isinstance(value, Path)
                           else value if isinstance(value, (int, str)) else f"sha256:{digest(json.dumps(value).encode())}")
     settings.update(output_settings(config, sections))
     pin_output(Path(out), settings, what)
+
+
+def _model_identity(model: str) -> str:
+    """A model as an evaluation's settings and results name it: a directory by its path and the fingerprint of its
+    weights (a model trained again into it is another model), anything else (a server's model name) as given."""
+    from .models import fingerprint
+
+    return fingerprint(model) if Path(model).exists() else model
 
 
 def _seed_prompts(path: Path) -> list[str]:
@@ -193,7 +208,7 @@ def cmd_respond(args) -> int:
 
 
 def cmd_judge(args) -> int:
-    from .judging import judgments_per_candidate, run_judge
+    from .judging import check_failure_rate, judgments_per_candidate, run_judge
     from .progress import bar
     from .records import Candidate, Prompt, check_links, read_jsonl
 
@@ -208,6 +223,8 @@ def cmd_judge(args) -> int:
                         progress=progress)
     failed = sum(x.score is None for x in out)
     print(f"{len(out)} judgments, {failed} parse failures ({100 * failed / max(1, len(out)):.1f}%) -> {args.out}")
+    # Written either way; what `srlm run` would stop on is not a success here either (exit 7).
+    check_failure_rate(out, config.judge.max_failure_rate, args.out, "these judgments")
     return 0
 
 
@@ -223,6 +240,9 @@ def cmd_pairs(args) -> int:
     write_jsonl(args.out, selection.pairs)
     dropped = ", ".join(f"{v} {k}" for k, v in selection.dropped.items()) or "none"
     print(f"{len(selection.pairs)} pairs -> {args.out}; prompts dropped: {dropped}")
+    if not selection.pairs:  # nothing for DPO to train on: `srlm run` stops here too
+        raise JudgeIntegrityError("no preference pairs (every prompt tied or lacked two judged candidates); more "
+                                  "prompts, candidates (candidates.n) or judgments (judge.k) make ties rarer")
     return 0
 
 
@@ -232,9 +252,11 @@ def cmd_dpo(args) -> int:
 
     config = _load(args)
     pairs = read_jsonl(args.pairs, Pair)
-    reference = _model_path(args.reference, config) if args.reference else None
+    reference = _model_path(args.reference, config, "--reference") if args.reference else None
+    start = time.time()
     out = train_dpo(_model_path(args.model, config), pairs, args.out, config, reference_path=reference)
-    print(out)
+    print(f"DPO of {args.model} on {len(pairs)} pairs (reference: {args.reference or args.model}) in "
+          f"{time.time() - start:.0f} s -> {out}")
     return 0
 
 
@@ -278,7 +300,7 @@ def _import_ranked(args, out: Path):
 
 
 def cmd_data_import(args) -> int:
-    from .errors import InputError, JudgeIntegrityError
+    from .errors import InputError
     from .importers import TARGETS, check_target, import_file, import_hf
     from .records import write_jsonl
 
@@ -308,7 +330,7 @@ def cmd_data_import(args) -> int:
         raise InputError(f"nothing to import: every one of the {report.read} {report.unit} was dropped (see the "
                          f"counts above); {out} was not written", path=args.src or f"hf:{args.hf}")
     write_jsonl(out, records)
-    print(f"{len(records)} {kind} records -> {out}")
+    print(f"{len(records)} records ({kind}) -> {out}")
     return 0
 
 
@@ -322,7 +344,8 @@ def cmd_eval_judge(args) -> int:
     _ready(config, args.model)
     with bar(len(replies) * judgments_per_candidate(config), "judgments") as progress:
         result = measure_judge(_generator(args, config), replies, args.out, config, seed=config.seed,
-                               about=dict(model=args.model, data=str(args.data), split=args.split), progress=progress)
+                               about=dict(model=_model_identity(args.model), data=str(args.data), split=args.split),
+                               progress=progress)
     for key, value in result.items():
         print(f"{key}: {value:.3f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
@@ -354,7 +377,7 @@ def cmd_eval_ifeval(args) -> int:
         about.update(responses=str(args.responses))
     else:
         config = _ready(_load(args), args.model)
-        model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+        model = _model_identity(args.model)
         ifeval.check_settings(args.out, dict(model=model, data=str(args.data.resolve()),
                                              max_new_tokens=args.max_new_tokens, temperature=0.0,
                                              **output_settings(config, [])))
@@ -398,7 +421,7 @@ def cmd_eval_h2h(args) -> int:
     def side(model: str | None, outputs: Path | None) -> Side:
         if outputs is not None:
             return Side(name=str(outputs), outputs=load_outputs(outputs))
-        return Side(name=name(model), generator=lambda: _generator_for(model, config))
+        return Side(name=name(model), generator=lambda: _generator_for(model, config), weights=_model_identity(model))
 
     g = config.generation
     if args.judge_url:
@@ -435,11 +458,16 @@ def cmd_report(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import config_to_yaml, describe_fields
+    from .config import config_to_yaml, describe_fields, flat_keys
 
     if args.list:
+        # The values a run with these options would use (the tiny preset unless told otherwise), and the built-in
+        # default beside any that differs from it: the defaults are the paper's.
+        values = {key: repr(value) for key, value in flat_keys(_load(args), None).items()}
         for key, default, help_text in describe_fields():
-            print(f"{key} = {default}\n    {help_text}")
+            value = values.get(key, default)
+            beside = f"   (default: {default})" if value != default else ""
+            print(f"{key} = {value}{beside}\n    {help_text}")
         return 0
     print(config_to_yaml(_load(args)), end="")
     return 0
@@ -522,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     _config_options(p)
     p.set_defaults(func=cmd_dpo)
 
-    p = sub.add_parser("data", help="seed data tools: validate")
+    p = sub.add_parser("data", help="seed data tools: validate, import")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     p = data_sub.add_parser("validate", help="check IFT/EFT files: schema, duplicates, scores, IFT/EFT overlap",
                             description="Report every problem in IFT and/or EFT seed files with its file and line; "
@@ -590,7 +618,9 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=fmt)
     p.add_argument("--model", required=True, help="the judge: " + MODEL_HELP)
     p.add_argument("--data", type=Path, required=True,
-                   help="ranked replies: JSONL of {id, prompt_id, prompt, reply, human_score} or the oasst2-srlm export")
+                   help="ranked replies (JSONL of {id, prompt_id, prompt, reply, human_score}, or the oasst2-srlm "
+                        "export) or pairwise labels ({prompt, response_a, response_b, winner}, AlpacaEval's and "
+                        "Chatbot Arena's labels, or {prompt, chosen, rejected})")
     p.add_argument("--split", choices=["eval", "train", "all"], default="eval",
                    help="fixed split by prompt id (eval: sha256(prompt_id) %% 4 == 0)")
     p.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts of the split")
@@ -696,6 +726,10 @@ def main(argv: list[str] | None = None) -> int:
     except SrlmError as e:
         print(f"srlm: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        # The reader went away (`srlm config --list | head`): nothing is wrong, and nothing more can be said.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as e:
         # A write refused deep inside a library (a Trainer checkpoint, a tokenizer file): still the user's to fix.
         if e.errno not in WRITE_ERRNOS:

@@ -136,8 +136,11 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
     """Ranked replies from our schema, the oasst2-srlm export, pairwise labels or preference pairs (told apart
     by the first line's fields); `split` is eval, train or all (by prompt id: for pairs, by pair id)."""
     path = Path(path)
+    if not path.is_file():
+        what = "is a directory" if path.is_dir() else "file not found"
+        raise InputError(f"{what} (expected a JSONL file of ranked replies or pairwise labels)", path=path)
     with open(path, "rb") as f:
-        first = f.readline()
+        first = f.readline().removeprefix(b"\xef\xbb\xbf")
     try:
         keys = set(json.loads(first))
     except (json.JSONDecodeError, UnicodeDecodeError, TypeError):

@@ -114,6 +114,9 @@ class Side:
     name: str
     generator: Callable[[], Generator] | None = None
     outputs: dict[str, str] | None = None  # instruction text (stripped) -> response
+    # Which weights answer, where the name alone does not say (a directory a model may be trained into again):
+    # a resumed comparison must not take another model's outputs for this one's.
+    weights: str | None = None
 
 
 # --- reading prompts and outputs ----------------------------------------------------------------------------
@@ -608,7 +611,8 @@ def head_to_head(instructions: Sequence[Instruction], a: Side, b: Side, judge: C
     Settings that change what is generated or judged must match those the directory was started with."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_settings(out_dir, dict(a=a.name, b=b.name, judge=judge_name, temperature=temperature, top_p=top_p,
+    check_settings(out_dir, dict(a=a.name, b=b.name, a_weights=a.weights, b_weights=b.weights, judge=judge_name,
+                                 temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, judge_max_new_tokens=judge_max_new_tokens, seed=seed,
                                  template_sha256=hashlib.sha256(template.encode()).hexdigest()))
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)

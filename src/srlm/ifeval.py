@@ -331,7 +331,7 @@ def load_responses(path: str | os.PathLike, rows: Sequence[IFEvalPrompt],
         found[row.key] = (number, item)
     if not found:
         raise InputError("file is empty (expected one JSON object {key or prompt, response} a line)", path=path)
-    missing = [r.key for r in rows if r.key not in found]
+    missing = sorted(r.key for r in rows if r.key not in found)
     if missing:
         raise InputError(f"no response to {len(missing)} of the {len(rows)} prompts scored (keys "
                          f"{', '.join(map(str, missing[:5]))}{', ...' if len(missing) > 5 else ''}); answer every "

@@ -234,9 +234,9 @@ def _array_objects(path: Path, data: bytes) -> list[tuple[Loc, dict]]:
 
 def _read_objects(path: Path, fmt: str, arrays: bool) -> list[tuple[Loc, dict]]:
     if not path.exists():
-        raise InputError(f"file not found (expected a {fmt} file)", path=path)
+        raise InputError(f"file not found (expected a file in {fmt} format)", path=path)
     if path.is_dir():
-        raise InputError(f"is a directory (expected a {fmt} file)", path=path)
+        raise InputError(f"is a directory (expected a file in {fmt} format)", path=path)
     data = path.read_bytes()
     start = data.lstrip()[:1]
     if start == b"[":
@@ -672,10 +672,14 @@ def select_eft(replies: Sequence[RankedReply], judgments: Sequence[Judgment], *,
         keep.update(rng.sample(bucket, min(cap, len(bucket))))
     flat = [e for e in examples if e.id in keep]
     after = Counter(e.score for e in flat)
+    largest = max(after.values(), default=0) / max(1, len(flat))
+    # With few scores present the share cannot be met (two scores hold 50% each): say so rather than claim it.
+    share = (f"none over {max_share:.0%}" if largest <= max_share else
+             f"{len(after)} scores present, so one holds {largest:.0%}, over {max_share:.0%}")
     report.details.update({
         "examples from agreeing prompts": len(examples),
         "replies without a whole-number score": no_whole,
-        f"examples after flattening (at most {cap} per score, none over {max_share:.0%})": len(flat),
+        f"examples after flattening (at most {cap} per score; {share})": len(flat),
         "scores before": dict(sorted(before.items())),
         "scores after": dict(sorted(after.items())),
     })

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .backends import Generator, SamplingParams, batch_params, plan_batches
-from .errors import ConfigError
+from .errors import ConfigError, JudgeIntegrityError
 from .records import Candidate, Judgment, Prompt, RecordLog
 
 INSTRUCTION_SLOT = "<INSTRUCTION_HERE>"
@@ -131,6 +131,19 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
     if not 0 <= value <= MAX_SCORE:
         return None, f"score {raw} outside [0, 5]"
     return value, None
+
+
+def check_failure_rate(judgments: Sequence[Judgment], limit: float, where: Path, what: str) -> None:
+    """PAPER.md §7: refuse to go on (JudgeIntegrityError) from judgments more of which than `limit` did not parse;
+    `what` names them in the message ("iteration 2")."""
+    if not judgments:
+        return
+    failures = sum(j.score is None for j in judgments) / len(judgments)
+    if failures > limit:
+        raise JudgeIntegrityError(
+            f"{what}: {100 * failures:.1f}% of judgments did not parse (limit judge.max_failure_rate={limit}); the "
+            "judge does not follow the 'Score: N' format well enough to train on. More EFT data or SFT epochs usually "
+            f"fix it; see {where} for what it wrote")
 
 
 # Text a judge could mistake for its own verdict (PAPER.md §7, reward hacking).

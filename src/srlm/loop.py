@@ -34,7 +34,7 @@ from .config import RunConfig, config_to_yaml, flat_keys
 from .dpo import train_dpo
 from .errors import JudgeIntegrityError, ModelError, RunDirError
 from .evaluation import first_prompts, load_ranked, measure_judge
-from .judging import judgments_per_candidate, load_template, run_judge
+from .judging import check_failure_rate, judgments_per_candidate, load_template, run_judge
 from .pairs import select_pairs
 from .progress import bar as _bar
 from .prompts import PromptAttempt, generate_prompts, prompt_options
@@ -323,15 +323,8 @@ class Run:
 
     def _check_judge(self, t: int, judgments: list[Judgment]) -> None:
         """PAPER.md §7: stop rather than train on a judge that does not follow the format, and flag saturation."""
-        if not judgments:
-            return
-        failures = sum(j.score is None for j in judgments) / len(judgments)
-        if failures > self.config.judge.max_failure_rate:
-            raise JudgeIntegrityError(
-                f"iteration {t}: {100 * failures:.1f}% of judgments did not parse (limit "
-                f"judge.max_failure_rate={self.config.judge.max_failure_rate}); the judge does not follow the "
-                "'Score: N' format well enough to train on. More EFT data or SFT epochs usually fix it; "
-                f"see {self.dir.iteration(t) / 'judgments.jsonl'} for what it wrote")
+        check_failure_rate(judgments, self.config.judge.max_failure_rate, self.dir.iteration(t) / "judgments.jsonl",
+                           f"iteration {t}")
         valid = [j.score for j in judgments if j.score is not None]
         # >= 4.5: a sampled judgment of 5, or an expected-mode score mostly on 5.
         share = sum(s >= 4.5 for s in valid) / len(valid) if valid else 0.0

@@ -129,6 +129,19 @@ def resolve(model: ModelConfig) -> Path | str:
     return _local_or_hub(model)
 
 
+def fingerprint(path: Path | str) -> str:
+    """Which weights a model directory holds now, cheaply: a digest of its weight and config files' names, sizes and
+    modification times (a model trained again into the same directory gets another). A hub id is its own name."""
+    import hashlib
+
+    path = Path(path)
+    if not path.is_dir():
+        return str(path)
+    files = sorted(p for p in path.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
+    stamp = "\n".join(f"{p.name} {p.stat().st_size} {p.stat().st_mtime_ns}" for p in files)
+    return f"{path.resolve()} ({hashlib.sha256(stamp.encode()).hexdigest()[:16]})"
+
+
 def pick_device(device: str) -> str:
     import torch
 
