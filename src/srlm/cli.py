@@ -19,6 +19,7 @@ WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 EPILOG = "Every config key (see `srlm config --list`) can be set with --set section.key=value."
 MODEL_HELP = "a model directory (a run's models/M<t>, any Hugging Face layout) or embedded:smollm2-135m-instruct"
 
+
 class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
     """Shows an option's default where it says something: not "(default: None)" after a required or unset option,
     nor "(default: False)" after a switch or "(default: [])" after a repeatable one."""
@@ -133,8 +134,9 @@ def _generator_for(name: str, config):
 
 
 def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[str], **inputs) -> None:
-    """Tie a stage command's output to what its records depend on (rundir.pin_output): the model as named, each
-    input (a file's bytes, or a value), the seed and the config sections the stage reads."""
+    """Tie a stage command's output to what its records depend on (rundir.pin_output): the model's weights (their
+    fingerprint; a server's model by name), each input (a file's bytes, or a value), the seed and the config sections
+    the stage reads."""
     import hashlib
     import json
 
@@ -144,7 +146,8 @@ def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[s
 
     digest = lambda data: hashlib.sha256(data).hexdigest()[:16]
     # The weights, not only the name: a model trained again into the same directory makes other records.
-    settings: dict = {"model": model if config.generation.backend == "openai" else fingerprint(_model_path(model, config))}
+    served = config.generation.backend == "openai"
+    settings: dict = {"model": model if served else fingerprint(_model_path(model, config))}
     for name, value in inputs.items():
         settings[name] = (f"sha256:{digest(value.read_bytes())}" if isinstance(value, Path)
                           else value if isinstance(value, (int, str)) else f"sha256:{digest(json.dumps(value).encode())}")
