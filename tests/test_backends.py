@@ -520,3 +520,16 @@ def test_sampler_draws_from_the_top_p_nucleus_and_follows_its_probabilities():
     a = sample_tokens(logits.clone(), 0.7, 0.9, torch.Generator().manual_seed(1))
     assert torch.equal(a, sample_tokens(logits.clone(), 0.7, 0.9, torch.Generator().manual_seed(1)))
     assert sample_tokens(logits, 0.0, 0.9, None).unique().tolist() == [0]
+
+
+def test_vllm_cpu_threads_are_bound_to_exactly_the_cores_this_process_may_use(monkeypatch):
+    from srlm.backends import vllm as backend
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)  # set too; put back as it was afterwards
+    monkeypatch.setattr(backend.os, "sched_getaffinity", lambda pid: {6, 0, 2, 4})  # taskset -c 0,2,4,6
+    backend._cpu_defaults()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,2,4,6"  # not "0-6", which takes in 1, 3 and 5
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1-3")
+    backend._cpu_defaults()
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1-3"  # the user's choice stands

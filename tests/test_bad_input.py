@@ -132,6 +132,12 @@ CASES = [
      ["eft.jsonl:1: field 'score'", "less than or equal to 5"]),
     ("score disagrees with judgment", lambda t: run_with(t, eft=jsonl(EFT, {**EFT, "id": "e2", "score": 2})), 4,
      ["eft.jsonl:2: field 'score'", "concludes 'Score: 4' but score is 2"]),
+    ("judgment going on after its score", lambda t: run_with(t, eft=jsonl({**EFT, "judgment": "Fine.\nScore: 4\n"
+                                                                                          "On reflection, less."})), 4,
+     ["eft.jsonl:1: field 'judgment'", "its last line is 'On reflection, less.'"]),
+    ("judgment score in another format", lambda t: run_with(t, eft=jsonl({**EFT, "judgment": "Fine. Score: four out "
+                                                                                          "of 5"})), 4,
+     ["eft.jsonl:1: field 'judgment'", "not 'Score: N'"]),
     ("judgment without a verdict", lambda t: run_with(t, eft=jsonl({**EFT, "judgment": "Good answer."})), 4,
      ["eft.jsonl:1: field 'judgment'", "must end with 'Score: N'"]),
     ("seed path is a directory", lambda t: ["run", "--ift", str(t), "--out", str(t / "run")], 4,

@@ -50,3 +50,15 @@ def test_total_memory_bounds_the_batch_where_free_memory_is_unknown(monkeypatch,
 def test_this_machine_reports_its_free_memory():
     free = models.available_memory("cpu")
     assert free is None or 0 < free <= models.total_memory("cpu")
+
+
+@pytest.mark.parametrize("native,expected", [(True, "bfloat16"), (False, "float32")])
+def test_bf16_on_a_gpu_only_where_it_is_in_hardware(monkeypatch, native, expected):
+    """torch says bf16 is supported on a T4 or V100 too, where it is emulated (slowly, and refused by vLLM): only
+    bf16 in hardware counts."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert models.pick_dtype("auto", "cuda") == getattr(torch, expected)
+    assert models.generation_dtype("auto", models.ModelConfig(), "cuda") == ("bfloat16" if native else "float16")

@@ -133,6 +133,19 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
     return value, None
 
 
+def eft_format_problem(judgment: str) -> str | None:
+    """Why an EFT judgment is not a training target in the paper's format, or None. The judge learns to write what
+    it is trained on: a score that parses anywhere is not enough, the judgment must end with a line 'Score: N', N a
+    whole number 0-5 (text after it, 'four out of 5' or 'score=3' would teach it other formats)."""
+    _, error = parse_score(judgment)
+    if error is not None:
+        return error
+    lines = judgment.strip().splitlines()
+    if not re.fullmatch(r"Score: [0-5]", lines[-1].strip()):
+        return f"its last line is {lines[-1].strip()[:40]!r}, not 'Score: N' with N a whole number 0-5"
+    return None
+
+
 def check_failure_rate(judgments: Sequence[Judgment], limit: float, where: Path, what: str) -> None:
     """PAPER.md §7: refuse to go on (JudgeIntegrityError) from judgments more of which than `limit` did not parse;
     `what` names them in the message ("iteration 2")."""

@@ -156,10 +156,18 @@ def pick_dtype(dtype: str, device: str):
     import torch
 
     if dtype == "auto":
-        if device == "cuda" and torch.cuda.is_bf16_supported():
+        if device == "cuda" and gpu_has_native_bf16():
             return torch.bfloat16
         return torch.float32
     return getattr(torch, dtype)
+
+
+def gpu_has_native_bf16() -> bool:
+    """bf16 in hardware (compute capability 8.0 and up: A100, H100, ...). torch's is_bf16_supported() also says yes
+    where it is only emulated (T4, V100), slowly, and vLLM refuses bf16 there."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def cpu_bf16_instructions() -> list[str]:
@@ -180,14 +188,12 @@ def cpu_has_native_bf16() -> bool:
 def generation_dtype(setting: str, model: ModelConfig, device: str) -> str:
     """The dtype sampling runs in: as set, else model.dtype when that is set, else bf16 where the hardware has it
     (measured on the 2-core CPU: 2x fp32's tokens/s, bench/speed.py), else fp32."""
-    import torch
-
     if setting != "auto":
         return setting
     if model.dtype != "auto":
         return model.dtype
     if device == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16" if gpu_has_native_bf16() else "float16"
     return "bfloat16" if device == "cpu" and cpu_has_native_bf16() else "float32"
 
 

@@ -64,12 +64,15 @@ def plot(stats: dict[int, dict], path: Path) -> Path:
     axes[0].set(title="judge scores", xlabel="score", ylabel="judgments")
     axes[0].legend()
     axes[1].plot(labels, [100 * stats[t]["parse_failure_rate"] for t in iterations], marker="o", label="parse failures")
-    axes[1].plot(labels, [100 * stats[t]["max_score_share"] for t in iterations], marker="s", label="scores of 5")
+    axes[1].plot(labels, [100 * stats[t]["max_score_share"] for t in iterations], marker="s",
+                 label="scores of 5 (% of parsed ones)")
     axes[1].set(title="judge integrity", ylabel="% of judgments")
     axes[1].legend()
     for key, name in (("mean_candidate_tokens", "all candidates"), ("mean_chosen_tokens", "chosen"),
                       ("mean_rejected_tokens", "rejected")):
-        axes[2].plot(labels, [stats[t][key] or 0 for t in iterations], marker="o", label=name)
+        # No pairs: no chosen length, a gap in the line rather than a fall to 0 tokens.
+        axes[2].plot(labels, [float("nan") if stats[t][key] is None else stats[t][key] for t in iterations],
+                     marker="o", label=name)
     axes[2].set(title="response length (length explosion, PAPER.md §7)", ylabel="tokens")
     axes[2].legend()
     fig.tight_layout()

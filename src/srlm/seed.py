@@ -10,7 +10,7 @@ import importlib.resources
 from pathlib import Path
 
 from .errors import InputError
-from .judging import parse_score
+from .judging import eft_format_problem, parse_score
 from .records import EFTExample, IFTExample, read_jsonl
 
 
@@ -27,7 +27,8 @@ def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExam
     path = path or shipped("eft")
     records = read_jsonl(path, EFTExample)
     for (number, _), record in zip(_record_lines(path), records):
-        score, error = parse_score(record.judgment)
+        score, _ = parse_score(record.judgment)
+        error = eft_format_problem(record.judgment)
         if error is not None:
             raise InputError(f"record {record.id!r}: the judgment must end with 'Score: N' ({error})",
                              path=path, line=number, field="judgment")

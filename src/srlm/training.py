@@ -21,18 +21,17 @@ TRAINING_DTYPE = "float32"
 
 def training_arguments(section, *, work_dir: Path, device: str, seed: int) -> dict:
     """Keyword arguments for a TRL config (SFTConfig / DPOConfig) from an `sft` or `dpo` config section."""
-    import torch
 
     # section.batch_size is the batch of one optimizer step over every process (PAPER.md §4: 16), so under
     # `accelerate launch` on several GPUs each accumulates its share, not the whole.
     processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     micro = min(section.micro_batch_size, max(1, section.batch_size // processes))
     accumulation = max(1, math.ceil(section.batch_size / (micro * processes)))
-    from .models import cpu_has_native_bf16
+    from .models import cpu_has_native_bf16, gpu_has_native_bf16
 
     bf16 = section.bf16
     if bf16 == "auto":
-        bf16 = torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16()
+        bf16 = gpu_has_native_bf16() if device == "cuda" else cpu_has_native_bf16()
     return dict(
         output_dir=str(work_dir),
         per_device_train_batch_size=micro,

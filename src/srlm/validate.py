@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
-from .judging import parse_score
+from .judging import eft_format_problem, parse_score
 from .records import EFTExample, IFTExample, scan_jsonl
 
 MAX_FIELD_CHARS = 8000
@@ -90,7 +90,8 @@ def validate(ift: Path | None = None, eft: Path | None = None) -> Report:
         scores: Counter = Counter()
         for number, r in _records(eft, EFTExample, report):
             _long_fields(eft, number, r, report)
-            score, error = parse_score(r.judgment)
+            score, _ = parse_score(r.judgment)
+            error = eft_format_problem(r.judgment)
             if error is not None:
                 report.errors.append(f"{eft}:{number}: field 'judgment': must conclude with 'Score: N' ({error})")
             elif score != r.score:

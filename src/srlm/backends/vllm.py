@@ -33,7 +33,8 @@ def _cpu_defaults() -> None:
     # small models a CPU serves.
     if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
         cores = sorted(os.sched_getaffinity(0))
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"{cores[0]}-{cores[-1]}" if cores else "auto"
+        # Listed one by one: a range would take in cores between allowed ones (taskset -c 0,2 or a cgroup cpuset).
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores)) if cores else "auto"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
 
 
