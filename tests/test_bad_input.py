@@ -130,6 +130,14 @@ CASES = [
      ["ift.jsonl:2", "expected a JSON object, found list"]),
     ("score out of range", lambda t: run_with(t, eft=jsonl({**EFT, "score": 7})), 4,
      ["eft.jsonl:1: field 'score'", "less than or equal to 5"]),
+    ("score as a string", lambda t: run_with(t, eft=jsonl({**EFT, "score": "4"})), 4,
+     ["eft.jsonl:1: field 'score'", "valid integer", "'4'"]),
+    ("score as a boolean", lambda t: run_with(t, eft=jsonl({**EFT, "score": True})), 4,
+     ["eft.jsonl:1: field 'score'", "valid integer", "True"]),
+    # U+2028 is whitespace to Python's str.strip but not to bytes.strip: the line is blank only once decoded.
+    ("score disagrees after a line blank once decoded", lambda t: run_with(t, eft=jsonl(
+        EFT, "\u2028".encode(), {**EFT, "id": "e2", "score": 2})), 4,
+     ["eft.jsonl:3: field 'score'", "concludes 'Score: 4' but score is 2"]),
     ("score disagrees with judgment", lambda t: run_with(t, eft=jsonl(EFT, {**EFT, "id": "e2", "score": 2})), 4,
      ["eft.jsonl:2: field 'score'", "concludes 'Score: 4' but score is 2"]),
     ("judgment going on after its score", lambda t: run_with(t, eft=jsonl({**EFT, "judgment": "Fine.\nScore: 4\n"

@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from .errors import InputError, OutputError
 
@@ -52,7 +52,8 @@ class EFTExample(Record):
     prompt: str
     response: str
     judgment: str
-    score: int = Field(ge=0, le=5)
+    # Strict: a hand-written file's `"score": "4"` or `true` is a mistake to name, not a value to coerce.
+    score: StrictInt = Field(ge=0, le=5)
 
     _check = field_validator("id", "prompt", "response", "judgment")(_non_empty)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .errors import InputError
 from .judging import eft_format_problem, parse_score
-from .records import EFTExample, IFTExample, read_jsonl
+from .records import EFTExample, IFTExample, read_jsonl, scan_jsonl
 
 
 def shipped(name: str) -> Path:
@@ -25,8 +25,10 @@ def load_ift(path: Path | None = None, limit: int | None = None) -> list[IFTExam
 
 def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExample]:
     path = path or shipped("eft")
-    records = read_jsonl(path, EFTExample)
-    for (number, _), record in zip(_record_lines(path), records):
+    records = []
+    for number, record in scan_jsonl(path, EFTExample):
+        if isinstance(record, InputError):
+            raise record
         score, _ = parse_score(record.judgment)
         error = eft_format_problem(record.judgment)
         if error is not None:
@@ -35,13 +37,10 @@ def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExam
         if score != record.score:
             raise InputError(f"record {record.id!r}: judgment concludes 'Score: {score:g}' but score is {record.score}",
                              path=path, line=number, field="score")
+        records.append(record)
+    if not records:
+        raise InputError("file is empty (expected at least one EFTExample record)", path=path)
     return balanced_head(records, limit) if limit else records
-
-
-def _record_lines(path: Path):
-    """(line number, raw line) of each non-blank line: the lines `read_jsonl` made records from, in order."""
-    with open(path, "rb") as f:
-        return [(n, raw) for n, raw in enumerate(f, start=1) if raw.strip()]
 
 
 def balanced_head(records: list[EFTExample], limit: int) -> list[EFTExample]:
