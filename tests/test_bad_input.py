@@ -194,6 +194,12 @@ CASES = [
      ["different config", "candidates.n"]),
     ("run from another format version", lambda t: ["run", "--resume", str(made_run(
         t, lambda m: m.replace('"format_version": 1', '"format_version": 99')))], 5, ["run format 99"]),
+    ("manifest not an object", lambda t: ["run", "--resume", str(made_run(t, lambda m: "[1, 2]"))], 5,
+     ["manifest.json", "expected a JSON object, found list"]),
+    ("manifest without stages", lambda t: ["run", "--resume", str(made_run(t, lambda m: json.dumps(
+        {**json.loads(m), "stages": None})))], 5, ["manifest.json", "'stages' is not an object"]),
+    ("--out a directory of other files", lambda t: ["run", "--out", str(put(t, "notes.txt", "mine").parent)], 5,
+     ["not empty and not a srlm run", "notes.txt"]),
     ("truncated manifest", lambda t: ["run", "--resume", str(made_run(t, lambda m: m[: len(m) // 2]))], 5,
      ["unreadable manifest"]),
     ("output holds a run already", lambda t: ["run", "--out", str(made_run(t))], 5, ["already holds a run"]),

@@ -67,6 +67,12 @@ class RunDir:
         if self.manifest_path.exists():
             raise RunDirError(f"{self.root}: already holds a run; continue it with `srlm run --resume {self.root}` "
                               "or choose another --out")
+        # What `create` itself writes before the manifest: a crash in between leaves only these, and may start over.
+        own = {self.config_path.name, self.config_path.name + ".tmp", self.manifest_path.name + ".tmp"}
+        if self.root.is_dir() and (foreign := sorted(p.name for p in self.root.iterdir() if p.name not in own)):
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise RunDirError(f"{self.root}: not empty and not a srlm run (it holds {shown}); a new run would mix "
+                              "its files with these. Choose another --out, or an empty or new directory")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.config_path, config_to_yaml(config))
@@ -89,9 +95,14 @@ class RunDir:
             manifest = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise RunDirError(f"{self.manifest_path}: unreadable manifest: {e}")
+        if not isinstance(manifest, dict):
+            raise RunDirError(f"{self.manifest_path}: not a srlm manifest (expected a JSON object, found "
+                              f"{type(manifest).__name__})")
         if manifest.get("format_version") != FORMAT_VERSION:
             raise RunDirError(f"{self.manifest_path}: made by a srlm with run format "
                               f"{manifest.get('format_version')!r}; this srlm reads format {FORMAT_VERSION}")
+        if not isinstance(manifest.get("stages"), dict):
+            raise RunDirError(f"{self.manifest_path}: not a srlm manifest (its 'stages' is not an object)")
         return manifest
 
     def read_manifest(self) -> dict:
