@@ -178,6 +178,23 @@ def test_report_selects_pairs_as_the_run_did(reference_run, tmp_path):
     assert collect(copy, exclude_flagged=True)[1]["pairs"] == 0
 
 
+def test_report_shows_an_iteration_judged_but_not_trained(reference_run, tmp_path):
+    """As the judge gate leaves a run: iteration 2 judged, no pairs, no M3. Its figures are what the user needs."""
+    import shutil
+
+    from srlm.report import collect, report
+
+    root, summary, _ = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    (copy / "iter_2" / "pairs.jsonl").unlink()
+    shutil.rmtree(copy / "models" / "M3")
+    stats = collect(copy)
+    assert sorted(stats) == [1, 2] and stats[2]["judgments"] == summary["iterations"][2]["judgments"]
+    table = report(copy, png=False)
+    assert "AIFT(M2): judged, not trained into M3" in table and "AIFT(M1): judged" not in table
+
+
 def test_a_stricter_judge_gate_on_resume_applies_to_the_iterations_to_come(reference_run, tmp_path):
     from srlm.errors import JudgeIntegrityError
 

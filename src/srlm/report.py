@@ -1,7 +1,8 @@
 """`srlm report RUN_DIR`: the per-iteration table and plots of a run, rebuilt from its files.
 
-Works on a finished run and on one still in progress (iterations whose pairs are not written yet are
-left out), since everything it shows is derived from the records on disk.
+Works on a finished run, on one still in progress and on one the judge gate stopped, since everything it shows is
+derived from the records on disk: an iteration appears once its judgments are complete (the gate's figures are the
+ones a stopped run most needs), and one that has not been trained into M(t+1) is marked so.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def collect(root: Path, exclude_flagged: bool | None = None) -> dict[int, dict]:
         exclude_flagged = _run_excludes_flagged(run)
     stats: dict[int, dict] = {}
     t = 1
-    while (run.iteration(t) / "pairs.jsonl").exists():
+    while (run.iteration(t) / "judgments.jsonl").exists():
         folder = run.iteration(t)
         prompts = read_jsonl(folder / "prompts.jsonl", Prompt)
         candidates = read_jsonl(folder / "candidates.jsonl", Candidate)
@@ -169,10 +170,14 @@ def report(root: Path, *, png: bool = True) -> str:
     stats = collect(root)
     results = read_eval(root)
     if not stats and not results:
-        return f"{root}: no iteration has finished its pairs yet"
+        return f"{root}: no iteration has finished its judgments yet"
     parts = []
     if stats:
-        parts.append(format_table(stats))
+        run = RunDir(root)
+        untrained = [t for t in stats if not (run.model(t + 1) / "model.safetensors").exists()]
+        parts.append(format_table(stats) + "".join(
+            f"\nAIFT(M{t}): judged, not trained into M{t + 1} (stopped before DPO, or still running; the pairs "
+            "shown are those it would train on)" for t in untrained))
         if png:
             parts.append(f"plot: {plot(stats, Path(root) / 'report.png')}")
     if results:
