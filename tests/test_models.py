@@ -62,3 +62,46 @@ def test_bf16_on_a_gpu_only_where_it_is_in_hardware(monkeypatch, native, expecte
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
     assert models.pick_dtype("auto", "cuda") == getattr(torch, expected)
     assert models.generation_dtype("auto", models.ModelConfig(), "cuda") == ("bfloat16" if native else "float16")
+
+
+def test_a_containers_memory_limit_bounds_the_batch(monkeypatch, checkpoint, tmp_path):
+    """In a container /proc/meminfo shows the host's memory; the cgroup's limit is what the process may take."""
+    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
+    monkeypatch.setattr(models, "CGROUP_FILES", ((str(limit), str(usage)), ("/nonexistent", "/nonexistent")))
+    assert models.cgroup_memory() == (None, None)  # no cgroup files: no limit
+    limit.write_text("max\n")
+    assert models.cgroup_memory() == (None, None)
+    limit.write_text(f"{2 * GIB}\n")
+    usage.write_text(f"{GIB // 4}\n")
+    assert models.cgroup_memory() == (2 * GIB, GIB // 4)
+    assert models.total_memory("cpu") == 2 * GIB  # below any machine the tests run on
+    assert models.available_memory("cpu") <= 2 * GIB - GIB // 4
+    # Two fifths of 2 GiB hold 36 sequences of cache, half of (1.75 GiB free - 0.25 GiB of weights) 34: 32, not 128.
+    assert int(0.4 * 2 * GIB // PER_SEQUENCE) == 36 and int(0.5 * 1.5 * GIB // PER_SEQUENCE) == 34
+    assert models.auto_batch_size(checkpoint, "cpu", "bfloat16", 1024) == 32
+
+
+def test_weights_stored_in_bf16_and_loaded_in_fp32_count_twice(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text())
+    assert models.weights_bytes(checkpoint, "float32") == GIB // 4  # no stored dtype declared: the file's size
+    (checkpoint / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    assert models.weights_bytes(checkpoint, "float32") == GIB // 2
+    assert models.weights_bytes(checkpoint, "bfloat16") == GIB // 4
+
+
+def test_a_head_to_head_judge_gets_no_larger_batch_than_fits_it(monkeypatch, checkpoint):
+    """generation.batch_size is fixed for the run's own model; a larger judge or opponent is capped to what `auto`
+    gives it, and never raised above the run's number."""
+    from srlm.backends import capped_batch_size, resolve_batch_size
+    from srlm.config import RunConfig
+
+    monkeypatch.setattr(models, "total_memory", lambda d: 24 * GIB)
+    monkeypatch.setattr(models, "available_memory", lambda d: 2 * GIB)
+    config = RunConfig.model_validate({"device": "cpu", "generation": {"batch_size": 128}})
+    auto = config.model_copy(deep=True)
+    auto.generation.batch_size = "auto"
+    fits = resolve_batch_size(auto, checkpoint)
+    assert 1 <= fits < 128 and capped_batch_size(config, checkpoint) == fits
+    config.generation.batch_size = 1
+    assert capped_batch_size(config, checkpoint) == 1
+

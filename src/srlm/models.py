@@ -7,6 +7,7 @@ allows network access. Every checkpoint srlm writes is loadable with `AutoModelF
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -203,7 +204,32 @@ def total_memory(device: str) -> int:
 
     if device == "cuda":
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit, _ = cgroup_memory()
+    return min(physical, limit) if limit is not None else physical
+
+
+# A container's memory limit: cgroup v2's files, then v1's. "max" (v2) and a number near 2**63 (v1) mean none.
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+
+
+def cgroup_memory() -> tuple[int | None, int | None]:
+    """(limit, usage) in bytes of the memory cgroup this process runs in, or (None, None) where it has no limit. In a
+    container the host's /proc/meminfo says nothing of the limit, and going past it gets the process killed."""
+    for limit_file, usage_file in CGROUP_FILES:
+        try:
+            raw = Path(limit_file).read_text(encoding="ascii").strip()
+        except OSError:
+            continue
+        if not raw.isdigit() or int(raw) >= 2**60:
+            return None, None
+        try:
+            usage = int(Path(usage_file).read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            usage = None
+        return int(raw), usage
+    return None, None
 
 
 def available_memory(device: str) -> int | None:
@@ -213,19 +239,37 @@ def available_memory(device: str) -> int | None:
 
     if device == "cuda":
         return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
+    free = None
     try:
         with open("/proc/meminfo", encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    limit, usage = cgroup_memory()
+    if limit is not None and usage is not None:
+        # Usage counts the cgroup's page cache, which the kernel would reclaim first: an underestimate, the safe side.
+        free = min(free, limit - usage) if free is not None else limit - usage
+    return max(free, 0) if free is not None else None
 
 
-def weights_bytes(path: Path | str) -> int:
-    """The size of a checkpoint's safetensors files: what loading its weights will take."""
-    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def weights_bytes(path: Path | str, dtype: str | None = None) -> int:
+    """What loading a checkpoint's weights will take: its safetensors files' size, scaled from the dtype they are
+    stored in (config.json's) to `dtype`, the one they are loaded in (a bf16 file loaded in fp32 takes twice its
+    size)."""
+    size = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return size
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    stored = DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype"))
+    loaded = DTYPE_BYTES.get(dtype)
+    return size * loaded // stored if stored and loaded else size
 
 
 def auto_batch_size(path: Path | str, device: str, dtype: str, seq_len: int) -> int:
@@ -237,8 +281,6 @@ def auto_batch_size(path: Path | str, device: str, dtype: str, seq_len: int) -> 
     The first bound alone decides on a machine with room to spare, so that the batches, and with them the samples
     (one seed per batch), are the same from run to run; the second shrinks the batch when other work holds the
     memory a batch would need."""
-    import json
-
     try:
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -252,7 +294,7 @@ def auto_batch_size(path: Path | str, device: str, dtype: str, seq_len: int) -> 
     budget = 0.4 * total_memory(device)
     free = available_memory(device)
     if free is not None:
-        budget = min(budget, 0.5 * (free - weights_bytes(path)))
+        budget = min(budget, 0.5 * (free - weights_bytes(path, dtype)))
     fits = int(max(budget, 0) // (per_token * seq_len))
     cap = 256 if device == "cuda" else 128
     size = 1
