@@ -473,3 +473,22 @@ def test_resumed_verdicts_are_kept_only_for_the_texts_they_judged(tmp_path):
     assert judge_pairs(judge, outputs("GOOD"), outputs("meh"), path) == first and judge.requests == 2  # resumed
     again = judge_pairs(judge, outputs("bad"), outputs("GOOD"), path)
     assert [v.winner for v in again] == ["b", "b"] and judge.requests == 4
+
+
+def test_a_local_judge_trained_again_under_its_path_is_another_judge(other_model, tmp_path, capsys):
+    """Verdicts on disk belong to the judge's weights, not its path: a rerun after the judge was retrained in place
+    is refused rather than mixing its verdicts with the old judge's."""
+    import os
+    import shutil
+
+    judge = shutil.copytree(other_model, tmp_path / "judge")
+    args = ["eval", "h2h", "--a-outputs", str(REFERENCE), "--b-outputs", str(REFERENCE), "--prompts", str(REFERENCE),
+            "--judge", str(judge), "--judge-max-new-tokens", "4", "--out", str(tmp_path / "h2h"), "--resamples", "10",
+            *CPU]
+    assert main(args) == 0
+    assert main(args) == 0  # the same weights: the directory is simply complete
+    weights = judge / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    capsys.readouterr()
+    assert main(args) == 5
+    assert "judge_weights" in capsys.readouterr().err

@@ -126,11 +126,16 @@ def _generator(args, config):
     return _generator_for(args.model, config)
 
 
-def _generator_for(name: str, config):
-    from .backends import make_generator
+def _generator_for(name: str, config, *, other: bool = False):
+    """The backend for model `name`; `other`: not the model generation.batch_size was fixed for (`_ready`), which
+    may be larger, so its batches are capped to what fits it (backends.capped_batch_size)."""
+    from .backends import capped_batch_size, make_generator
 
     # A server knows its models by the names it was started with: send the name as given, unresolved.
-    return make_generator(config, name if config.generation.backend == "openai" else _model_path(name, config))
+    if config.generation.backend == "openai":
+        return make_generator(config, name)
+    path = _model_path(name, config)
+    return make_generator(config, path, batch_size=capped_batch_size(config, path) if other else None)
 
 
 def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[str], **inputs) -> None:
@@ -424,13 +429,15 @@ def cmd_eval_h2h(args) -> int:
     def side(model: str | None, outputs: Path | None) -> Side:
         if outputs is not None:
             return Side(name=str(outputs), outputs=load_outputs(outputs))
-        return Side(name=name(model), generator=lambda: _generator_for(model, config), weights=_model_identity(model))
+        sized_for = args.a or args.b  # the model _ready fixed generation.batch_size for
+        return Side(name=name(model), generator=lambda: _generator_for(model, config, other=model != sized_for),
+                    weights=_model_identity(model))
 
     g = config.generation
     if args.judge_url:
         from .backends import OpenAIGenerator
 
-        judge_name = f"{args.judge_model} at {args.judge_url}"
+        judge_name, judge_weights = f"{args.judge_model} at {args.judge_url}", None
 
         def judge():
             return OpenAIGenerator(args.judge_url, args.judge_model, api_key_env=args.judge_api_key_env,
@@ -438,12 +445,13 @@ def cmd_eval_h2h(args) -> int:
     else:
         judge_model = args.a if args.judge == "self" else args.judge
         judge_name = f"self ({name(args.a)})" if args.judge == "self" else name(args.judge)
+        judge_weights = _model_identity(judge_model)
 
         def judge():
-            return _generator_for(judge_model, config)
+            return _generator_for(judge_model, config, other=judge_model != (args.a or args.b))
 
     summary = head_to_head(instructions, side(args.a, args.a_outputs), side(args.b, args.b_outputs), judge, args.out,
-                           judge_name=judge_name, template=template, temperature=args.temperature,
+                           judge_name=judge_name, judge_weights=judge_weights, template=template, temperature=args.temperature,
                            top_p=config.candidates.top_p,
                            max_new_tokens=args.max_new_tokens or config.candidates.max_new_tokens,
                            judge_max_new_tokens=args.judge_max_new_tokens or config.judge.max_new_tokens,

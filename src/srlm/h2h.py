@@ -602,17 +602,20 @@ def check_settings(out_dir: Path, settings: dict) -> None:
 
 
 def head_to_head(instructions: Sequence[Instruction], a: Side, b: Side, judge: Callable[[], Generator],
-                 out_dir: Path, *, judge_name: str, template: str = PAIRWISE_TEMPLATE, temperature: float = 0.0,
+                 out_dir: Path, *, judge_name: str, judge_weights: str | None = None,
+                 template: str = PAIRWISE_TEMPLATE, temperature: float = 0.0,
                  top_p: float = 0.9, max_new_tokens: int = 512, judge_max_new_tokens: int = 256,
                  batch_size: int = 16, seed: int = 0, resamples: int = 1000) -> dict:
     """Both sides' outputs, the judge's verdicts in both orders, and h2h.json in `out_dir`; returns the summary.
 
     Resumable: outputs and verdicts already on disk are kept, and no model is loaded for work already done.
-    Settings that change what is generated or judged must match those the directory was started with."""
+    Settings that change what is generated or judged must match those the directory was started with; for a local
+    judge, `judge_weights` (its weights' fingerprint) is one of them, as a judge trained again under the same path
+    would give other verdicts."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_settings(out_dir, dict(a=a.name, b=b.name, a_weights=a.weights, b_weights=b.weights, judge=judge_name,
-                                 temperature=temperature, top_p=top_p,
+                                 judge_weights=judge_weights, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, judge_max_new_tokens=judge_max_new_tokens, seed=seed,
                                  template_sha256=hashlib.sha256(template.encode()).hexdigest()))
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)

@@ -28,7 +28,7 @@ from pathlib import Path
 import yaml
 
 from . import h2h, ifeval, models
-from .backends import close, make_generator, resolve_batch_size
+from .backends import capped_batch_size, close, make_generator, resolve_batch_size
 from .candidates import respond, respond_options
 from .config import RunConfig, config_to_yaml, flat_keys
 from .dpo import train_dpo
@@ -256,18 +256,20 @@ class Run:
         return replies, rows, instructions
 
     def _h2h_judge(self, newer: Path, name: str):
-        """The head-to-head judge as eval.h2h_judge names it: (name, a function that builds its backend)."""
+        """The head-to-head judge as eval.h2h_judge names it: (name, weights' fingerprint or None for a server, a
+        function that builds its backend)."""
         e, g = self.config.eval, self.config.generation
         if e.h2h_judge == "self":
-            return f"self ({name})", lambda: make_generator(self.config, newer)
+            return f"self ({name})", models.fingerprint(newer), lambda: make_generator(self.config, newer)
         if e.h2h_judge.startswith(("http://", "https://")):
             from .backends import OpenAIGenerator
 
-            return (f"{e.h2h_judge_model} at {e.h2h_judge}",
+            return (f"{e.h2h_judge_model} at {e.h2h_judge}", None,
                     lambda: OpenAIGenerator(e.h2h_judge, e.h2h_judge_model or "", concurrency=g.concurrency,
                                             timeout_s=g.timeout_s, max_retries=g.max_retries))
         path = models.resolve(self.config.model.model_copy(update={"name_or_path": e.h2h_judge}))
-        return str(path), lambda: make_generator(self.config, path)
+        return (str(path), models.fingerprint(path),
+                lambda: make_generator(self.config, path, batch_size=capped_batch_size(self.config, path)))
 
     def eval_stage(self, name: str, model: Path, previous: tuple[str, Path] | None = None) -> None:
         """Measure one model on the configured evaluation sets (PAPER.md §5): RUN/eval/<name>/, a line of
@@ -302,11 +304,12 @@ class Run:
                 result["ifeval"] = ifeval.summary(score, responses, {"data": str(e.ifeval_data)})
             for key, other_name, other in opponents:
                 self._release_generator()
-                judge_name, judge = self._h2h_judge(model, name)
+                judge_name, judge_weights, judge = self._h2h_judge(model, name)
                 result[key] = h2h.head_to_head(
                     instructions, h2h.Side(name, generator=lambda: make_generator(self.config, model)),
                     h2h.Side(other_name, generator=lambda other=other: make_generator(self.config, other)), judge,
-                    folder / ("h2h" if key == "h2h_vs_previous" else key), judge_name=judge_name, temperature=0.0,
+                    folder / ("h2h" if key == "h2h_vs_previous" else key), judge_name=judge_name, judge_weights=judge_weights,
+                    temperature=0.0,
                     max_new_tokens=e.h2h_max_new_tokens,
                     judge_max_new_tokens=self.config.judge.max_new_tokens,
                     batch_size=self.config.generation.batch_size, seed=self.config.seed)

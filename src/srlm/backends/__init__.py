@@ -84,13 +84,22 @@ def resolve_batch_size(config, model_path: Path | str) -> int:
     return auto_batch_size(model_path, device, generation_dtype(g.dtype, config.model, device), seq_len)
 
 
-def make_generator(config, model_path: Path | str) -> Generator:
+def capped_batch_size(config, model_path: Path | str) -> int:
+    """generation.batch_size (a number, fixed for the run's own model) for another model, a head-to-head judge or
+    opponent that may be larger: no more than `auto` would give that model, so it does not run out of memory."""
+    auto = config.model_copy(update={"generation": config.generation.model_copy(update={"batch_size": "auto"})})
+    return min(resolve_batch_size(config, model_path), resolve_batch_size(auto, model_path))
+
+
+def make_generator(config, model_path: Path | str, *, batch_size: int | None = None) -> Generator:
     """The configured backend for one model: `model_path` is loaded (hf, vllm) or named to the server (openai).
+    `batch_size`: sequences the backend runs at once, if not generation.batch_size (`capped_batch_size`).
 
     `generation.batch_size=auto` is fixed here, in `config` itself, so that the stages that plan batches with it see
     the number this backend runs with."""
     g = config.generation
     g.batch_size = resolve_batch_size(config, model_path)
+    batch_size = batch_size or g.batch_size
     if g.backend == "openai":
         return OpenAIGenerator(g.base_url, g.model or str(model_path), api_key_env=g.api_key_env,
                                concurrency=g.concurrency, timeout_s=g.timeout_s, max_retries=g.max_retries)
@@ -98,7 +107,7 @@ def make_generator(config, model_path: Path | str) -> Generator:
 
     device = pick_device(config.device)
     if g.backend == "hf":
-        return HFGenerator(model_path, config.model, device, g.batch_size,
+        return HFGenerator(model_path, config.model, device, batch_size,
                            dtype=generation_dtype(g.dtype, config.model, device))
     if g.backend == "vllm":
         from .vllm import VLLMGenerator
@@ -122,4 +131,4 @@ from .hf import HFGenerator  # noqa: E402
 from .openai import OpenAIGenerator  # noqa: E402
 
 __all__ = ["Completion", "Generator", "HFGenerator", "OpenAIGenerator", "Request", "SamplingParams", "batch_params",
-           "close", "make_generator", "plan_batches", "request_length"]
+           "capped_batch_size", "close", "make_generator", "plan_batches", "request_length"]
