@@ -64,21 +64,80 @@ def test_bf16_on_a_gpu_only_where_it_is_in_hardware(monkeypatch, native, expecte
     assert models.generation_dtype("auto", models.ModelConfig(), "cuda") == ("bfloat16" if native else "float16")
 
 
+def made_up_system(monkeypatch, tmp_path, cgroups: str, mounts: list[str], free_kib: int = 64 * GIB // 1024):
+    """/proc/self/cgroup, /proc/self/mountinfo and /proc/meminfo of a made-up machine whose mount points are
+    under `tmp_path` (written `{root}` in `mounts`)."""
+    (tmp_path / "cgroup").write_text(cgroups)
+    (tmp_path / "mountinfo").write_text("".join(line.format(root=tmp_path) + "\n" for line in mounts))
+    (tmp_path / "meminfo").write_text(f"MemTotal: {2 * free_kib} kB\nMemAvailable: {free_kib} kB\n")
+    monkeypatch.setattr(models, "PROC_CGROUP", str(tmp_path / "cgroup"))
+    monkeypatch.setattr(models, "MOUNTINFO", str(tmp_path / "mountinfo"))
+    monkeypatch.setattr(models, "MEMINFO", str(tmp_path / "meminfo"))
+
+
+def level(path, limit: str, usage: int | None = None, stat: str = ""):
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "memory.max").write_text(limit + "\n")
+    if usage is not None:
+        (path / "memory.current").write_text(f"{usage}\n")
+    (path / "memory.stat").write_text(stat)
+
+
+V2_MOUNT = "30 23 0:26 / {root}/cg2 rw,nosuid - cgroup2 cgroup2 rw"
+
+
 def test_a_containers_memory_limit_bounds_the_batch(monkeypatch, checkpoint, tmp_path):
-    """In a container /proc/meminfo shows the host's memory; the cgroup's limit is what the process may take."""
-    limit, usage = tmp_path / "memory.max", tmp_path / "memory.current"
-    monkeypatch.setattr(models, "CGROUP_FILES", ((str(limit), str(usage)), ("/nonexistent", "/nonexistent")))
-    assert models.cgroup_memory() == (None, None)  # no cgroup files: no limit
-    limit.write_text("max\n")
+    """In a container /proc/meminfo shows the host's memory; the cgroup's limit is what the process may take, and
+    the page cache it holds is not taken (the kernel reclaims it before it kills anything)."""
+    made_up_system(monkeypatch, tmp_path, "0::/\n", [V2_MOUNT])
+    (tmp_path / "cg2").mkdir()
+    assert models.cgroup_memory() == (None, None)  # no memory controller: no limit
+    level(tmp_path / "cg2", "max", GIB)
     assert models.cgroup_memory() == (None, None)
-    limit.write_text(f"{2 * GIB}\n")
-    usage.write_text(f"{GIB // 4}\n")
-    assert models.cgroup_memory() == (2 * GIB, GIB // 4)
+    level(tmp_path / "cg2", str(2 * GIB), GIB, stat=f"anon 1\ninactive_file {3 * GIB // 4}\nactive_file 5\n")
+    assert models.cgroup_memory() == (2 * GIB, 2 * GIB - GIB // 4)
     assert models.total_memory("cpu") == 2 * GIB  # below any machine the tests run on
-    assert models.available_memory("cpu") <= 2 * GIB - GIB // 4
+    assert models.available_memory("cpu") == 2 * GIB - GIB // 4  # the host's 64 GiB free are not the container's
     # Two fifths of 2 GiB hold 36 sequences of cache, half of (1.75 GiB free - 0.25 GiB of weights) 34: 32, not 128.
     assert int(0.4 * 2 * GIB // PER_SEQUENCE) == 36 and int(0.5 * 1.5 * GIB // PER_SEQUENCE) == 34
     assert models.auto_batch_size(checkpoint, "cpu", "bfloat16", 1024) == 32
+
+
+def test_the_tightest_limit_above_the_process_counts(monkeypatch, tmp_path):
+    """A Slurm job or a systemd unit: the process's own cgroup has no limit, an ancestor has; the host's root is
+    not read."""
+    made_up_system(monkeypatch, tmp_path, "0::/system.slice/job_7/step_0\n", [V2_MOUNT])
+    (tmp_path / "memory.max").write_text("1\n")  # above the mount point: not a cgroup, never read
+    level(tmp_path / "cg2", str(GIB))
+    level(tmp_path / "cg2/system.slice", "max", 20 * GIB)
+    level(tmp_path / "cg2/system.slice/job_7", str(8 * GIB), 6 * GIB, stat=f"inactive_file {GIB}\n")
+    level(tmp_path / "cg2/system.slice/job_7/step_0", "max", GIB)
+    assert models.cgroup_memory() == (GIB, GIB)  # the mount root's limit is the tightest here (usage unread)
+    (tmp_path / "cg2/memory.max").unlink()
+    assert models.cgroup_memory() == (8 * GIB, 3 * GIB)
+
+
+def test_cgroup_v1_memory_beside_an_empty_v2_hierarchy(monkeypatch, tmp_path):
+    """Hybrid hosts mount cgroup v2 without the memory controller and v1's memory controller apart; a container
+    without its own cgroup namespace sees the host's path of its cgroup, and its mount's root is that path."""
+    made_up_system(monkeypatch, tmp_path, "4:memory:/docker/abc\n1:cpu,cpuacct:/docker/abc\n0::/docker/abc\n", [
+        V2_MOUNT,
+        "35 31 0:32 /docker/abc {root}/mem\\040v1 rw,relatime - cgroup cgroup rw,memory",
+        "32 31 0:29 /docker/abc {root}/cpu rw,relatime - cgroup cgroup rw,cpu,cpuacct"])
+    (tmp_path / "cg2/docker/abc").mkdir(parents=True)
+    own = tmp_path / "mem v1"
+    own.mkdir()
+    (own / "memory.limit_in_bytes").write_text(f"{3 * GIB}\n")
+    (own / "memory.usage_in_bytes").write_text(f"{GIB}\n")
+    (own / "memory.stat").write_text(f"cache 9\ninactive_file 1\ntotal_inactive_file {GIB // 4}\n")
+    assert models.cgroup_memory() == (3 * GIB, 3 * GIB - 3 * GIB // 4)
+    (own / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "no limit"
+    assert models.cgroup_memory() == (None, None)
+
+
+def test_no_proc_files_no_limit(monkeypatch, tmp_path):
+    monkeypatch.setattr(models, "PROC_CGROUP", str(tmp_path / "missing"))
+    assert models.cgroup_memory() == (None, None)
 
 
 def test_weights_stored_in_bf16_and_loaded_in_fp32_count_twice(checkpoint):
@@ -87,6 +146,12 @@ def test_weights_stored_in_bf16_and_loaded_in_fp32_count_twice(checkpoint):
     (checkpoint / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
     assert models.weights_bytes(checkpoint, "float32") == GIB // 2
     assert models.weights_bytes(checkpoint, "bfloat16") == GIB // 4
+    # A composite model's config: the text model's dtype first, else the top level's.
+    (checkpoint / "config.json").write_text(json.dumps({"text_config": config, "dtype": "bfloat16"}))
+    assert models.weights_bytes(checkpoint, "float32") == GIB // 2
+    (checkpoint / "config.json").write_text(json.dumps({"text_config": {**config, "dtype": "float32"},
+                                                        "dtype": "bfloat16"}))
+    assert models.weights_bytes(checkpoint, "float32") == GIB // 4
 
 
 def test_a_head_to_head_judge_gets_no_larger_batch_than_fits_it(monkeypatch, checkpoint):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -209,48 +210,109 @@ def total_memory(device: str) -> int:
     return min(physical, limit) if limit is not None else physical
 
 
-# A container's memory limit: cgroup v2's files, then v1's. "max" (v2) and a number near 2**63 (v1) mean none.
-CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"))
+# Where the kernel says which cgroups this process is in, where cgroup file systems are mounted, and how much memory
+# the machine has free (module constants so that tests can point them at a made-up system).
+PROC_CGROUP, MOUNTINFO, MEMINFO = "/proc/self/cgroup", "/proc/self/mountinfo", "/proc/meminfo"
+# Per cgroup version: the limit file ("max" in v2 and a number near 2**63 in v1 mean none), the usage file, and the
+# memory.stat key of the page cache the kernel would reclaim before it kills anything.
+CGROUP_MEMORY_FILES = {2: ("memory.max", "memory.current", "inactive_file"),
+                       1: ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
+
+
+def _cgroup_paths() -> list[tuple[int, Path, Path]]:
+    """(version, this process's memory cgroup directory, the mount point above which there is nothing to read): the
+    cgroup v2 hierarchy first, then v1's memory controller."""
+    try:
+        groups = Path(PROC_CGROUP).read_text(encoding="utf-8").splitlines()
+        mounts = Path(MOUNTINFO).read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return []
+    unescape = lambda field: re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)  # a space is \040
+    found = []
+    for line in mounts:
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        tail = fields[fields.index("-", 6) + 1 :]
+        if len(tail) < 3 or tail[0] not in ("cgroup2", "cgroup"):
+            continue
+        version = 2 if tail[0] == "cgroup2" else 1
+        if version == 1 and "memory" not in tail[2].split(","):
+            continue
+        root, point = unescape(fields[3]), Path(unescape(fields[4]))
+        for group in groups:
+            number, controllers, path = (group.split(":", 2) + ["", ""])[:3]
+            if (version == 2 and number == "0" and not controllers) or (
+                    version == 1 and "memory" in controllers.split(",")):
+                # A mount of a subtree (a container without its own cgroup namespace) shows paths from the host's root.
+                if root != "/" and (path == root or path.startswith(root + "/")):
+                    path = path[len(root) :]
+                own = point / path.lstrip("/")
+                found.append((version, own if own.is_dir() else point, point))
+    return sorted(found, key=lambda f: -f[0])
 
 
 def cgroup_memory() -> tuple[int | None, int | None]:
-    """(limit, usage) in bytes of the memory cgroup this process runs in, or (None, None) where it has no limit. In a
-    container the host's /proc/meminfo says nothing of the limit, and going past it gets the process killed."""
-    for limit_file, usage_file in CGROUP_FILES:
-        try:
-            raw = Path(limit_file).read_text(encoding="ascii").strip()
-        except OSError:
-            continue
-        if not raw.isdigit() or int(raw) >= 2**60:
-            return None, None
-        try:
-            usage = int(Path(usage_file).read_text(encoding="ascii"))
-        except (OSError, ValueError):
-            usage = None
-        return int(raw), usage
+    """(limit, headroom) in bytes for the memory cgroups this process runs in, or (None, None) where none has a limit.
+
+    In a container, a Slurm job or a systemd unit, /proc/meminfo shows the host's memory and going past the cgroup's
+    limit gets the process killed. Every level from this process's cgroup up to the mount's root may set a limit; the
+    tightest one counts. Headroom is a level's limit less what it holds, not counting the page cache the kernel
+    would reclaim first (as `docker stats` does), so that files just read or written do not shrink a batch."""
+    for version, own, point in _cgroup_paths():
+        limit_name, usage_name, cache_key = CGROUP_MEMORY_FILES[version]
+        levels = [own, *(p for p in own.parents if p.is_relative_to(point))]
+        if not any((level / limit_name).exists() for level in levels):
+            continue  # this hierarchy has no memory controller here (cgroup v2 beside v1's memory, say)
+        limit = headroom = None
+        for level in levels:
+            try:
+                raw = (level / limit_name).read_text(encoding="ascii").strip()
+            except OSError:
+                continue
+            if not raw.isdigit() or int(raw) >= 2**60:
+                continue
+            limit = min(limit, int(raw)) if limit is not None else int(raw)
+            try:
+                used = int((level / usage_name).read_text(encoding="ascii"))
+                used -= _stat_value(level / "memory.stat", cache_key)
+            except (OSError, ValueError):
+                used = 0  # unknown: at least the limit bounds what is free
+            room = int(raw) - max(used, 0)
+            headroom = min(headroom, room) if headroom is not None else room
+        return (limit, headroom) if limit is not None else (None, None)
     return None, None
 
 
+def _stat_value(path: Path, key: str) -> int:
+    try:
+        for line in path.read_text(encoding="ascii").splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def available_memory(device: str) -> int | None:
-    """Bytes of memory free for a new allocation now (the kernel's MemAvailable on a CPU), or None where the system
-    does not say."""
+    """Bytes of memory free for a new allocation now (the kernel's MemAvailable on a CPU, within the cgroup's
+    headroom), or None where the system does not say."""
     import torch
 
     if device == "cuda":
         return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
     free = None
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
+        with open(MEMINFO, encoding="ascii") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    limit, usage = cgroup_memory()
-    if limit is not None and usage is not None:
-        # Usage counts the cgroup's page cache, which the kernel would reclaim first: an underestimate, the safe side.
-        free = min(free, limit - usage) if free is not None else limit - usage
+    _, headroom = cgroup_memory()
+    if headroom is not None:
+        free = min(free, headroom) if free is not None else headroom
     return max(free, 0) if free is not None else None
 
 
@@ -266,8 +328,12 @@ def weights_bytes(path: Path | str, dtype: str | None = None) -> int:
         config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return size
-    config = config.get("text_config", config) if isinstance(config, dict) else {}
-    stored = DTYPE_BYTES.get(config.get("dtype") or config.get("torch_dtype"))
+    if not isinstance(config, dict):
+        return size
+    # A composite model (vision-language, say) may declare its dtype beside its text model or only at the top.
+    declared = [c.get("dtype") or c.get("torch_dtype") for c in (config.get("text_config") or {}, config)
+                if isinstance(c, dict)]
+    stored = next((DTYPE_BYTES[d] for d in declared if d in DTYPE_BYTES), None)
     loaded = DTYPE_BYTES.get(dtype)
     return size * loaded // stored if stored and loaded else size
 
