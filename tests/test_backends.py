@@ -301,7 +301,35 @@ def test_the_first_error_is_raised_without_waiting_for_requests_in_flight():
         with pytest.raises(ModelError, match="HTTP 400"):
             client(server, concurrency=2).generate(["slow", "bad", "slow", "slow"], GREEDY)
         assert time.monotonic() - start < 2.0
-        assert len(server.requests) == 2  # nothing sent after the failure
+        time.sleep(max(0.0, start + 3.5 - time.monotonic()))  # the slow request in flight has been answered
+        assert len(server.requests) == 2  # and its worker sent nothing after the failure
+
+
+def test_workers_that_started_stop_when_another_cannot_start(monkeypatch):
+    import threading
+
+    started = []
+    real_start = threading.Thread.start
+
+    def start_once(thread):
+        if started:
+            raise RuntimeError("can't start new thread")
+        started.append(thread)
+        real_start(thread)
+
+    with scripted() as server:
+        server.delay_s = 0.3
+        monkeypatch.setattr(threading.Thread, "start", start_once)
+        with pytest.raises(RuntimeError, match="can't start new thread"):
+            client(server, concurrency=2).generate(["a", "b", "c", "d"], GREEDY)
+        monkeypatch.undo()
+        time.sleep(1.0)  # the one worker would have sent three more by now
+        assert len(server.requests) == 1
+
+
+def test_a_client_without_workers_is_refused():
+    with pytest.raises(ValueError, match="concurrency must be at least 1"):
+        OpenAIGenerator("http://localhost:1/v1", "m", concurrency=0)
 
 
 def test_retries_stop_waiting_once_another_request_failed():

@@ -35,6 +35,8 @@ class OpenAIGenerator:
         self.api_key_env = api_key_env
         # Absent key is fine: local servers (vLLM, llama.cpp) run without one by default.
         self.api_key = os.environ.get(api_key_env) if api_key_env else None
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be at least 1, got {concurrency}")  # no worker would ever answer
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.max_retries = max_retries
@@ -64,10 +66,11 @@ class OpenAIGenerator:
                     done.put((i, None, e))
                     return
 
-        for _ in range(min(self.concurrency, len(requests))):
-            threading.Thread(target=work, name="srlm-openai", daemon=True).start()
         results: list[Completion | None] = [None] * len(requests)
         try:
+            # Started inside the try: if a thread cannot start, those that did are stopped too.
+            for _ in range(min(self.concurrency, len(requests))):
+                threading.Thread(target=work, name="srlm-openai", daemon=True).start()
             for _ in range(len(requests)):
                 i, completion, error = done.get()
                 if error is not None:
@@ -113,8 +116,8 @@ class OpenAIGenerator:
         text = text or ""
         stopped = False
         # Servers differ on stop strings (some keep the stop text, some ignore `stop` on /completions): cut here too.
-        for stop in params.stop:
-            cut = text.find(stop)
+        for stop_text in params.stop:
+            cut = text.find(stop_text)
             if cut >= 0:
                 text, stopped = text[:cut], True
         usage = data.get("usage") or {}
