@@ -102,3 +102,22 @@ def test_a_checkpoint_cut_by_a_kill_is_not_resumed_from(tmp_path):
             (d / "trainer_state.json").write_text(state)
     assert last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
     assert not (tmp_path / "checkpoint-10").exists() and not (tmp_path / "checkpoint-15").exists()
+
+
+def test_pinned_settings_name_a_key_only_one_side_has_and_refuse_an_unreadable_file(tmp_path):
+    """A directory started by an older srlm lacks a key this one records: the refusal names it rather than listing
+    no change; a settings file that is not srlm's JSON object is refused, not a crash."""
+    from srlm.errors import RunDirError
+    from srlm.rundir import pin_settings
+
+    path = tmp_path / "settings.json"
+    pin_settings(path, {"judge": "M1"}, "a comparison")
+    pin_settings(path, {"judge": "M1"}, "a comparison")  # the same settings: continued
+    with pytest.raises(RunDirError, match=r"judge_weights: \(not recorded\) -> 'abc'"):
+        pin_settings(path, {"judge": "M1", "judge_weights": "abc"}, "a comparison")
+    with pytest.raises(RunDirError, match=r"judge: 'M1' -> \(not recorded\)"):
+        pin_settings(path, {}, "a comparison")
+    for text in ("[1, 2]", "{not json", "\xff"):
+        path.write_bytes(text.encode("latin-1"))
+        with pytest.raises(RunDirError, match="not the JSON object of settings srlm writes"):
+            pin_settings(path, {"judge": "M1"}, "a comparison")

@@ -130,9 +130,19 @@ def pin_settings(path: Path, settings: dict, what: str, *, holder: Path | None =
     resumed files would mix two experiments. `what` names what `holder` (by default the directory of `path`) holds,
     and `start_over` how to begin afresh, for the message."""
     if path.exists():
-        before = json.loads(path.read_text(encoding="utf-8"))
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            before = e
+        if not isinstance(before, dict):
+            found = before if isinstance(before, Exception) else f"a JSON {type(before).__name__}"
+            raise RunDirError(f"{path}: not the JSON object of settings srlm writes ({found}), so {holder or path.parent} "
+                              f"cannot be told apart from {what} of other settings; use another --out, or {start_over}")
         if before != settings:
-            changed = ", ".join(f"{k}: {before.get(k)!r} -> {v!r}" for k, v in settings.items() if before.get(k) != v)
+            # A key only one side has: one an older srlm did not write, or one this version no longer writes.
+            show = lambda d, k: repr(d[k]) if k in d else "(not recorded)"
+            changed = ", ".join(f"{k}: {show(before, k)} -> {show(settings, k)}" for k in dict.fromkeys([*before, *settings])
+                                if k not in before or k not in settings or before[k] != settings[k])
             raise RunDirError(f"{holder or path.parent}: holds {what} made with other settings ({changed}); use "
                               f"another --out, or {start_over}")
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
