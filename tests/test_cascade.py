@@ -140,6 +140,8 @@ def test_hf_uses_the_cascade_on_a_cpu_in_fp32_and_bf16(tiny_model, device):
     fp32 = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), device)
     bf16 = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="bfloat16"), device)
     assert fp32._cascade and bf16._cascade
+    fp16 = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float16"), device)
+    assert not fp16._cascade  # not measured in fp16: transformers' own attention
     calls = []
     attend = cascade.SharedRows.attend
     cascade.SharedRows.attend = lambda self, *a: calls.append(len(self.row_of)) or attend(self, *a)

@@ -174,7 +174,7 @@ def report(root: Path, *, png: bool = True) -> str:
     parts = []
     if stats:
         run = RunDir(root)
-        untrained = [t for t in stats if not (run.model(t + 1) / "model.safetensors").exists()]
+        untrained = [t for t in stats if not run.model(t + 1).is_dir()]  # published whole, by rename
         parts.append(format_table(stats) + "".join(
             f"\nAIFT(M{t}): judged, not trained into M{t + 1} (stopped before DPO, or still running; the pairs "
             "shown are those it would train on)" for t in untrained))

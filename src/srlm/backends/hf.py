@@ -225,6 +225,7 @@ class HFGenerator:
         from .cascade import MODEL_TYPES, register
 
         self._cascade = (self._layer_class is not None and device == "cpu"
+                         and str(self.model.dtype) in ("torch.float32", "torch.bfloat16")  # fp16: not measured
                          and config.model_type in MODEL_TYPES and config._attn_implementation == "sdpa")
         if self._cascade:
             self.model.set_attn_implementation(register())
