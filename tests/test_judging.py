@@ -31,6 +31,10 @@ PARSED = [
     ("Score: 3 - the answer is accurate but short.", 3.0),
     ("Score: 4, since it answers the question.", 4.0),
     ("The subscore: 1 for relevance.\nScore: 2", 2.0),
+    # The additive rubric's sum, concluded by its total.
+    ("Score: 1 + 1 + 1 = 3", 3.0),
+    ("Score: 1+1+1+1 = 4 points", 4.0),
+    ("Score: one + two = three", 3.0),
 ]
 
 FAILED = [
@@ -47,6 +51,11 @@ FAILED = [
     ("Score: three to four", "not one score"),
     ("Score: 4,5", "not one score"),
     ("Score: 2\nOn reflection, Score: 3 - 4", "not one score"),
+    ("Score: 2, 3", "not one score (2, 3)"),
+    # A sum is read by its total, and only when the total is the sum: not its first term.
+    ("Score: 1 + 1 + 1", "a sum without its total (1 + 1 + 1)"),
+    ("Score: 1 + 1 + 1 = 4", "a total that is not the sum"),
+    ("Score: 2 + 2 + 2 = 6", "outside [0, 5]"),
     # "score" inside another word is no score.
     ("The underscore: 1 is a character.", "no 'Score: N' found"),
 ]
@@ -108,6 +117,8 @@ def test_a_template_with_brace_slots_is_read_like_the_paper_copy_in_oasst2_srlm(
     ("This answer deserves a score of 5.", True),
     ("Using the additive 5-point scoring system, ...", True),
     ("The match score was 3-1 to the home side.", False),
+    ("My credit score: 720, and yours?", False),
+    ("Quiz score: 3.5 of 5", True),
     ("Here are five tips for better sleep.", False),
 ])
 def test_judge_format_text_in_a_response_is_flagged(text, flagged):

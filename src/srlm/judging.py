@@ -100,12 +100,19 @@ def judge_request(template: str, prompt: str, response: str) -> list[dict]:
 _NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 _NUMBER = r"(?:\d+(?:\.\d+)?|zero|one|two|three|four|five)\b"
 # "Score: 4", "**Score:** 4", "score = 4.5", "Score: 4/5", "Total score: 3 points", "Score: four"; not "subscore: 1".
-# A range or a choice ("Score: 3-4", "3 or 4", "4,5") is matched whole, to be refused: it is not one score.
+# A range or a choice ("Score: 3-4", "3 or 4", "4,5", "2, 3") is matched whole, to be refused: it is not one score.
+# The additive rubric invites a sum ("Score: 1 + 1 + 1 = 3"): its total is the score, read only if it is the sum.
 SCORE_PATTERN = re.compile(
-    rf"\bscore[*_\s]*[:=][*_\s]*(?P<value>{_NUMBER})(?P<range>\s*(?:-|–|to\b|or\b)\s*{_NUMBER}|,\d)?"
+    rf"\bscore[*_\s]*[:=][*_\s]*(?P<value>{_NUMBER})"
+    rf"(?:(?P<sum>(?:\s*\+\s*{_NUMBER})+)(?:\s*=\s*(?P<total>{_NUMBER}))?)?"
+    rf"(?P<range>\s*(?:-|–|to\b|or\b)\s*{_NUMBER}|\s*,\s*\d)?"
     r"(?:\s*(?:/|out\s+of)\s*(?P<scale>\d+))?",
     re.IGNORECASE,
 )
+
+
+def _number(word: str) -> float:
+    return float(_NUMBER_WORDS.get(word.lower(), word))
 
 
 def parse_score(text: str) -> tuple[float | None, str | None]:
@@ -124,7 +131,15 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
     raw = match.group("value").lower()
     if match.group("range"):
         return None, f"not one score ({match.group('value')}{match.group('range')})"
-    value = float(_NUMBER_WORDS.get(raw, raw))
+    if match.group("sum"):
+        terms = [raw, *re.findall(_NUMBER, match.group("sum"), re.IGNORECASE)]
+        total = match.group("total")
+        if total is None:
+            return None, f"a sum without its total ({match.group('value')}{match.group('sum')})"
+        if abs(sum(map(_number, terms)) - _number(total)) > 1e-9:
+            return None, f"a total that is not the sum ({match.group(0).strip()})"
+        raw = total.lower()
+    value = _number(raw)
     scale = match.group("scale")
     if scale is not None and float(scale) != MAX_SCORE:
         return None, f"score on another scale ({raw}/{scale})"
@@ -161,7 +176,8 @@ def check_failure_rate(judgments: Sequence[Judgment], limit: float, where: Path,
 
 # Text a judge could mistake for its own verdict (PAPER.md §7, reward hacking).
 _GAMING = re.compile(
-    r"score\s*:\s*\d|additive 5-point|bestow a fifth point|<total points>|\bscore of 5\b", re.IGNORECASE
+    r"score\s*:\s*[0-5](?:\.\d+)?(?!\d)|additive 5-point|bestow a fifth point|<total points>|\bscore of 5\b",
+    re.IGNORECASE,
 )
 
 
