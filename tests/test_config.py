@@ -38,7 +38,7 @@ def test_set_overrides_with_types():
 
 
 @pytest.mark.parametrize("override,message", [
-    ("candidates.nn=4", "candidates.nn: unknown key (valid keys here: max_new_tokens, n, temperature, top_p)"),
+    ("candidates.nn=4", "candidates.nn: unknown key (valid keys here: max_new_tokens, n, temperature, top_p, truncation_warning)"),
     ("judgee.k=3", "judgee: unknown key"),
     ("candidates.n=1", "candidates.n: Input should be greater than or equal to 2"),
     ("judge.k=three", "judge.k: Input should be a valid integer"),

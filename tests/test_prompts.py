@@ -13,6 +13,8 @@ EXISTING = ["Give me three tips for sleeping better.", "Explain how a rainbow fo
     ("Describe this image in detail please.", "keyword filter"),
     ("Summarize the attached file for me.", "keyword filter"),
     ("Profile of imagery in poetry and its role.", None),  # 'imagery' is not the keyword 'image'
+    ("Compare these images and the files below.", "keyword filter"),  # a keyword's plural is blocked too
+    ("Sort the profiles of these users by age.", None),  # 'profiles' is not 'file' + s
     ("Hi there", "too short"),
     (" ".join(["word"] * 21), "too long"),
     ("", "empty"),

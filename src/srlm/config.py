@@ -143,9 +143,10 @@ class PromptsConfig(Section):
     min_words: int = Field(3, ge=1, description="Drop prompts shorter than this many words.")
     max_words: int = Field(150, ge=1, description="Drop prompts longer than this many words.")
     blocked_keywords: list[str] = Field(
-        default_factory=lambda: ["image", "images", "picture", "photo", "graph", "file", "video", "draw",
-                                 "plot", "diagram", "map", "audio", "sound", "link", "url", "attached"],
-        description="Drop prompts asking for what a text model cannot see or make (Self-Instruct keyword filter).",
+        default_factory=lambda: ["image", "picture", "photo", "graph", "file", "video", "draw", "plot", "diagram",
+                                 "flowchart", "map", "audio", "sound", "link", "url", "attached"],
+        description="Drop prompts asking for what a text model cannot see or make (Self-Instruct keyword filter); a "
+                    "keyword blocks its plural too.",
     )
 
 
@@ -154,6 +155,8 @@ class CandidatesConfig(Section):
     temperature: float = Field(0.7, ge=0, description="PAPER.md §4.2: T=0.7.")
     top_p: float = Field(0.9, gt=0, le=1, description="PAPER.md §4.2: top-p 0.9.")
     max_new_tokens: int = Field(512, ge=1, description="Length cap of one response.")
+    truncation_warning: float = Field(
+        0.25, ge=0, le=1, description="Warn when more than this share of candidates is cut at max_new_tokens.")
 
 
 class JudgeConfig(Section):

@@ -73,7 +73,7 @@ def filter_reason(
         return "starts with punctuation"
     lowered = text.lower()
     for keyword in blocked_keywords:
-        if re.search(rf"\b{re.escape(keyword.lower())}\b", lowered):
+        if re.search(rf"\b{re.escape(keyword.lower())}(?:s|es)?\b", lowered):  # "graph" blocks "graphs" too
             return "keyword filter"
     for other in existing:
         if lowered == other.lower():
