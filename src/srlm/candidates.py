@@ -32,7 +32,8 @@ def respond(
     """`prompts.jsonl` -> `candidates.jsonl`: N responses per prompt, each a chat turn of the model.
 
     Resumable per batch. Responses that contain judge-format text are written with `flagged=True`
-    (PAPER.md §7: a response saying "Score: 5" can fool the judge that reads it).
+    (PAPER.md §7: a response saying "Score: 5" can fool the judge that reads it), and those cut at
+    `max_new_tokens` with `truncated=True`.
     """
     work = [(p, i) for p in prompts for i in range(n)]
     log = RecordLog(out_path, Candidate)
@@ -47,10 +48,20 @@ def respond(
                                      batch_params(params, index))
         log.append(
             Candidate(id=cid, prompt_id=p.id, index=i, text=out.text, n_tokens=out.n_tokens,
-                      flagged=contains_judge_text(out.text))
+                      flagged=contains_judge_text(out.text), truncated=out.truncated)
             for cid, (p, i), out in zip(ids, batch, outputs)
         )
         if progress:
             progress.update(len(batch))
     order = {f"{p.id}-c{i}": k for k, (p, i) in enumerate(work)}
     return sorted(log.finish(), key=lambda c: order.get(c.id, len(order)))
+
+
+def truncation_warning(candidates: Sequence[Candidate], cap: int, limit: float) -> str | None:
+    """What to tell the user when more than `limit` of the candidates were cut at the length cap `cap`, or None."""
+    cut = sum(c.truncated for c in candidates)
+    if not candidates or cut / len(candidates) <= limit:
+        return None
+    return (f"{100 * cut / len(candidates):.0f}% of candidates were cut at candidates.max_new_tokens={cap}: their "
+            "lengths are the cap's, so length growth (PAPER.md §7) is understated, and the judge reads unfinished "
+            "responses")

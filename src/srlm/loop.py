@@ -29,7 +29,7 @@ import yaml
 
 from . import h2h, ifeval, models
 from .backends import capped_batch_size, close, make_generator, resolve_batch_size
-from .candidates import respond, respond_options
+from .candidates import respond, respond_options, truncation_warning
 from .config import RunConfig, config_to_yaml, flat_keys
 from .dpo import train_dpo
 from .errors import JudgeIntegrityError, ModelError, RunDirError
@@ -56,7 +56,7 @@ from .sft import train_sft
 from .summary import format_table, iteration_stats
 
 # Keys a resumed run may change: they decide what happens next, not what the finished stages wrote.
-RESUMABLE_CHANGES = {"iterations", "judge.max_failure_rate", "judge.saturation_warning"}
+RESUMABLE_CHANGES = {"iterations", "judge.max_failure_rate", "judge.saturation_warning", "candidates.truncation_warning"}
 
 
 def _changed_keys(a: RunConfig, b: RunConfig) -> set[str]:
@@ -200,7 +200,11 @@ class Run:
             with _bar(len(prompts) * cfg.candidates.n, f"iter {t} candidates") as bar:
                 out = respond(self._generator_for(model_t), prompts, folder / "candidates.jsonl", seed=seed + 1,
                               progress=bar, **respond_options(cfg))
-            return {"candidates": len(out), "flagged": sum(x.flagged for x in out)}
+            warning = truncation_warning(out, cfg.candidates.max_new_tokens, cfg.candidates.truncation_warning)
+            if warning:
+                say(f"[srlm] warning: iteration {t}: {warning}")
+            return {"candidates": len(out), "flagged": sum(x.flagged for x in out),
+                    "truncated": sum(x.truncated for x in out)}
 
         candidates = self._stage(f"iter_{t}.candidates", candidates_work,
                                  lambda: read_jsonl(folder / "candidates.jsonl", Candidate))

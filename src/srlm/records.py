@@ -79,6 +79,9 @@ class Candidate(Record):
     n_tokens: int = 0
     # Judge-format text inside a response ("Score: 5", the rubric's words) can game the judge (PAPER.md §7).
     flagged: bool = False
+    # Cut at candidates.max_new_tokens before it ended: its length is the cap's, not the model's (PAPER.md §7, length
+    # explosion), and the judge reads an unfinished response.
+    truncated: bool = False
 
 
 class Judgment(Record):

@@ -26,6 +26,9 @@ def iteration_stats(
         "prompt_drop_reasons": dict(Counter(a.reason for a in attempts if not a.kept)),
         "candidates": len(candidates),
         "candidates_flagged": sum(c.flagged for c in candidates),
+        "candidates_truncated": sum(c.truncated for c in candidates),
+        "chosen_truncated": sum(c.truncated for c in chosen),
+        "rejected_truncated": sum(c.truncated for c in rejected),
         "judgments": len(judgments),
         "parse_failures": failures,
         "parse_failure_rate": failures / len(judgments) if judgments else 0.0,
@@ -66,6 +69,9 @@ ROWS = [
     ("other drops", lambda s: _fmt(s["dropped_other"])),
     ("mean chosen / rejected tokens",
      lambda s: f"{_fmt(s['mean_chosen_tokens'])} / {_fmt(s['mean_rejected_tokens'])}"),
+    # Records written before the field existed count as not cut.
+    ("cut at the length cap: all (chosen / rejected)",
+     lambda s: f"{s.get('candidates_truncated', 0)} ({s.get('chosen_truncated', 0)} / {s.get('rejected_truncated', 0)})"),
 ]
 
 
