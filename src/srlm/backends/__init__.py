@@ -33,6 +33,11 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # cut the text at the first of these (and stop sampling there)
     logprobs: bool = False  # also return each sampled token's log-probability (Completion.token_logprobs)
 
+    def __post_init__(self):
+        # An empty stop string is in every text: it would end every sequence after its first token.
+        if any(not s for s in self.stop):
+            raise ValueError(f"a stop string is empty: {self.stop!r}")
+
 
 @dataclass(frozen=True)
 class Completion:

@@ -32,6 +32,16 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def stop_window(tokens: list[int], window: int, silent: set[int]) -> list[int]:
+    """The shortest tail of `tokens` holding `window` tokens that are not in `silent` (special tokens, which decode
+    to nothing): a stop string that may have just ended lies within it, even with pads or markers inside it."""
+    start, need = len(tokens), window
+    while start > 0 and need > 0:
+        start -= 1
+        need -= tokens[start] not in silent
+    return tokens[start:]
+
+
 def eos_token_ids(tokenizer, *declared) -> list[int]:
     """Every token id that ends a sequence, each once: those the model's files declare (`declared`: an id, a list of
     ids or None, e.g. generation_config.json's, which may name the chat turn's end as well as the text's, as
@@ -213,6 +223,7 @@ class HFGenerator:
         self.batch_size = batch_size
         self.prefill_tokens = PREFILL_TOKENS.get(device.split(":")[0], PREFILL_TOKENS_DEFAULT)
         self.eos_ids = eos_token_ids(self.tokenizer, self.model.generation_config.eos_token_id)
+        self._silent_ids = set(self.tokenizer.all_special_ids)
         self._prefix_cache: tuple[list[int], list] | None = None
         config = self.model.config
         # Sliding-window or hybrid attention needs transformers' own cache layers, which know the window.
@@ -384,7 +395,8 @@ class HFGenerator:
         ended = [False] * len(texts)
         finished_rows: set[int] = set()  # rows still in the batch whose text is done
         eos = set(self.eos_ids)
-        # Tokens to decode to find a stop string that may have just ended: a token is at least one byte of text.
+        # Tokens to decode to find a stop string that may have just ended: a token that is not special is at least
+        # one byte of text.
         window = max((len(s.encode("utf-8")) for s in params.stop), default=0) + 2
         for step in range(params.max_new_tokens):
             # The model's own distribution, before temperature and top-p (what vLLM and OpenAI report); taken before
@@ -407,7 +419,8 @@ class HFGenerator:
                 if logprobs_of is not None:
                     logprobs_of[text].append(scores[row])
                 if params.stop:
-                    tail = self.tokenizer.decode(tokens_of[text][-window:], skip_special_tokens=True)
+                    tail = self.tokenizer.decode(stop_window(tokens_of[text], window, self._silent_ids),
+                                                 skip_special_tokens=True)
                     if any(s in tail for s in params.stop):
                         ended[text] = True
                         finished_rows.add(row)
