@@ -44,6 +44,18 @@ def test_five_best_counts_only_scores_that_round_to_five():
     assert m.five_best == pytest.approx(1 / 3)  # a0 is best; a1 and b0 are not; b1 (5, 4, 4) is no 5
 
 
+def test_five_best_is_against_the_humans_best_of_all_replies_and_needs_a_human_order():
+    # a0, the humans' best, failed to parse: a1's 5 goes to their second best, not to "the best of those scored".
+    m = judge_agreement(replies("a", [0.9, 0.7, 0.5]), {"a1": 5, "a2": 3})
+    assert m.five_best == 0
+    # A tied pair label (both replies 0.5) ranks nothing: its 5s count in no metric, 5-best included.
+    m = judge_agreement(replies("t", [0.5, 0.5]) + replies("p", [1.0, 0.0]), {"t0": 5, "t1": 5, "p0": 3, "p1": 5})
+    assert m.five_best == 0 and m.pairs == 1 and m.prompts == 1
+    # Replies tied for the humans' best are each best.
+    m = judge_agreement(replies("b", [0.9, 0.9, 0.1]), {"b0": 5, "b1": 5, "b2": 1})
+    assert m.five_best == 1
+
+
 def test_all_equal_scores_and_human_ties():
     m = judge_agreement(replies("a", [0.5, 0.5, 0.5]), {"a0": 3, "a1": 4, "a2": 5})
     assert m.pairs == 0 and m.pairwise_accuracy is None and m.spearman is None

@@ -40,7 +40,9 @@ from .records import Candidate, Prompt, Record, read_jsonl
 
 TIE_CONVENTION = ("judge ties count as disagreement in pairwise accuracy and exact match; their share is "
                   "judge_tie_rate; a prompt the judge scores all alike has Spearman and Kendall tau 0; a 5 is a mean "
-                  "score of 4.5 or more; replies with no parsed judgment are excluded")
+                  "score of 4.5 or more, and 5-best counts it for a prompt humans rank (every reply tied for their "
+                  "best is best), against their best of all its replies; replies with no parsed judgment are "
+                  "excluded")
 
 
 FIVE = 4.5  # a mean score that rounds to 5 (5-best)
@@ -257,8 +259,8 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
     taus: list[float] = []
     fives = fives_best = constant = 0
     scored = sum(1 for r in replies if r.id in judge_scores)
-    for group in by_prompt.values():
-        group = [r for r in group if r.id in judge_scores]
+    for replies_of_prompt in by_prompt.values():
+        group = [r for r in replies_of_prompt if r.id in judge_scores]
         if len(group) < 2:
             continue
         human = [r.human_score for r in group]
@@ -282,11 +284,14 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
             for values, metric in ((rhos, spearman), (taus, kendall_tau_b)):
                 value = metric(model, human)
                 values.append(0.0 if value is None else value)
-        best = max(human)
-        for h, m in zip(human, model):
-            if m >= FIVE:
-                fives += 1
-                fives_best += h == best
+        # The humans' best among all the prompt's replies, not among those whose judgment parsed: else a failed
+        # judgment of the best reply would make the second best "best". A prompt humans rank all alike has none.
+        everyone = [r.human_score for r in replies_of_prompt]
+        if len(set(everyone)) > 1:
+            for h, m in zip(human, model):
+                if m >= FIVE:
+                    fives += 1
+                    fives_best += h == max(everyone)
     ratio = lambda n, d: n / d if d else None
     return JudgeAgreement(
         pairwise_accuracy=ratio(agree, pairs), exact_match=ratio(sum(exact), len(exact)),
