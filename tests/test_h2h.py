@@ -31,6 +31,7 @@ from srlm.h2h import (
     model_winner,
     parse_verdict,
     rates,
+    render,
     side_outputs,
     summarize,
 )
@@ -167,6 +168,12 @@ def verdict(pid, order, label):
                        winner=model_winner(label, order), error=None if label else "no 'Winner: A/B/tie' found")
 
 
+def test_the_default_judge_must_choose_as_the_papers_alpacaeval_judge_does():
+    """PAPER.md §5: a tie is the two orders disagreeing; the default prompt offers the judge none of its own."""
+    assert "Winner: tie" not in PAIRWISE_TEMPLATE and "Winner: A" in PAIRWISE_TEMPLATE
+    assert "Winner: B" in PAIRWISE_TEMPLATE and "ties" in CONVENTIONS
+
+
 def test_summarize_hand_computed():
     a = [output("1", "one two three", 3), output("2", "one", 1), output("3", "a b", 2), output("4", "x", 1),
          output("5", "a b c d", 4)]
@@ -186,7 +193,9 @@ def test_summarize_hand_computed():
     assert (s["prompts"], s["judged_prompts"], s["excluded_prompts"]) == (5, 4, 1)
     assert (s["judgments"], s["parse_failures"], s["order_disagreements"]) == (10, 1, 1)
     assert s["first_position_preference"] == pytest.approx(5 / 7)  # "A" in 1-ab, 2-ba, 3-ab, 3-ba, 5-ab of 7
-    assert s["length"] == {"a": {"mean_tokens": 2.2, "mean_words": 2.2}, "b": {"mean_tokens": 1.8, "mean_words": 1.8}}
+    # Characters: A 13 + 3 + 3 + 1 + 7 = 27, B 3 + 13 + 3 + 3 + 1 = 23, over 5 prompts.
+    assert s["length"] == {"a": {"mean_tokens": 2.2, "mean_words": 2.2, "mean_chars": 5.4, "truncated": 0},
+                           "b": {"mean_tokens": 1.8, "mean_words": 1.8, "mean_chars": 4.6, "truncated": 0}}
     # Judged prompts 1-4: scores 1, 0, 0.5, 0.5, word differences +2, -2, 0, -1.
     assert s["lc_win_rate"] == length_controlled_win_rate([1, 0, 0.5, 0.5], [2, -2, 0, -1])[0]
     assert s["win_rate_ci95"] == bootstrap_ci(lambda idx: float(np.array([1, 0, 0.5, 0.5])[idx].mean()), 4,
@@ -199,7 +208,20 @@ def test_summarize_with_every_verdict_failed():
     s = summarize(a, b, [verdict("1", "ab", None), verdict("1", "ba", None)])
     assert s["judged_prompts"] == 0 and s["parse_failures"] == 2
     assert s["win_rate"] is None and s["win_rate_ci95"] is None and s["lc_win_rate"] is None
-    assert s["length"]["a"] == {"mean_tokens": None, "mean_words": 1.0}  # a file's outputs have no token counts
+    # A file's outputs have no token counts.
+    assert s["length"]["a"] == {"mean_tokens": None, "mean_words": 1.0, "mean_chars": 1.0, "truncated": 0}
+
+
+def test_responses_cut_at_the_length_cap_are_counted_and_shown():
+    a = [output("1", "cut off mid", 3).model_copy(update={"truncated": True}), output("2", "done", 1)]
+    b = [output("1", "fine", 1), output("2", "fine too", 2)]
+    s = summarize(a, b, [verdict(p, o, "B") for p in "12" for o in ("ab", "ba")])
+    assert (s["length"]["a"]["truncated"], s["length"]["b"]["truncated"]) == (1, 0)
+    shown = render({**s, "a": "M2", "b": "M1", "judge": "self"})
+    assert "cut at the length cap" in shown and shown.splitlines()[-2].endswith("   1")
+    legacy = {**s, "a": "M2", "b": "M1", "judge": "self",
+              "length": {k: {"mean_tokens": 1.0, "mean_words": 1.0} for k in "ab"}}  # an older h2h.json
+    assert render(legacy).splitlines()[-1].endswith("   -")
 
 
 # --- reading prompts and outputs ----------------------------------------------------------------------------
@@ -381,7 +403,9 @@ def test_h2h_end_to_end_with_a_judge_behind_an_openai_compatible_server(tiny_mod
             # Non-tie labels: A, B (p0), A, B (p1), B, A (p2), A, A (p3), A (p6-ab): 6 of 9 name the first shown.
             "first_position_preference": 6 / 9,
             "length": {side: {"mean_tokens": mean([o["n_tokens"] for o in outs]),
-                              "mean_words": mean([len(o["text"].split()) for o in outs])}
+                              "mean_words": mean([len(o["text"].split()) for o in outs]),
+                              "mean_chars": mean([len(o["text"]) for o in outs]),
+                              "truncated": sum(o["truncated"] for o in outs)}
                        for side, outs in (("a", outputs_a), ("b", outputs_b))},
             "bootstrap": {"resamples": 1000, "seed": 0, "level": 0.95},
             "conventions": CONVENTIONS,

@@ -52,7 +52,8 @@ RESPONSE_B_SLOT = "<RESPONSE_B_HERE>"
 SLOTS = (INSTRUCTION_SLOT, RESPONSE_A_SLOT, RESPONSE_B_SLOT)
 
 # In the spirit of the AlpacaEval / MT-Bench pairwise prompts (PAPER.md §5): the judge compares, is told
-# to ignore position and length, and ends with one machine-readable line.
+# to ignore position and length, and ends with one machine-readable line. Like AlpacaEval's, it must choose: a tie is
+# the two orders disagreeing (PAPER.md §5), not a verdict the judge may give (a template of your own may offer it).
 PAIRWISE_TEMPLATE = """Please act as an impartial judge and compare two responses to the user instruction below.
 Choose the response a careful human reader would prefer: the one that follows the instruction more faithfully
 and is more helpful, accurate, relevant and clear. Judge the content only: the order in which the responses
@@ -71,7 +72,7 @@ helps the user.
 [End of Response B]
 
 Compare the two responses briefly, in at most 100 words. Then give your verdict on a final line: Winner: A
-(Response A is better), Winner: B (Response B is better) or Winner: tie (neither is better)."""
+(Response A is better) or Winner: B (Response B is better). You must choose one of the two."""
 
 Order = Literal["ab", "ba"]
 ORDERS: tuple[Order, Order] = ("ab", "ba")
@@ -430,8 +431,11 @@ def summarize(outputs_a: Sequence[H2HOutput], outputs_b: Sequence[H2HOutput], ve
         parse_failures=sum(v.label is None for v in verdicts),
         order_disagreements=sum(by_prompt[a.id]["ab"] != by_prompt[a.id]["ba"] for a in judged),
         first_position_preference=_mean([label == "A" for label in positional]),
+        # Characters are AlpacaEval's (and the paper's) unit of length; a response cut at the length cap has the
+        # cap's length, not its model's, and loses comparisons for being unfinished (PAPER.md §7).
         length={side: dict(mean_tokens=_mean([o.n_tokens for o in outs]) if all(o.n_tokens is not None for o in outs)
-                           else None, mean_words=_mean([words(o.text) for o in outs]))
+                           else None, mean_words=_mean([words(o.text) for o in outs]),
+                           mean_chars=_mean([len(o.text) for o in outs]), truncated=sum(o.truncated for o in outs))
                 for side, outs in (("a", outputs_a), ("b", outputs_b))},
         bootstrap=dict(resamples=resamples, seed=seed, level=0.95),
     )
@@ -441,6 +445,8 @@ def summarize(outputs_a: Sequence[H2HOutput], outputs_b: Sequence[H2HOutput], ve
 CONVENTIONS = {
     "orders": "each prompt judged with A's response first and with B's first; disagreement counts as a tie "
               "(PAPER.md §5)",
+    "ties": "the default judge prompt must choose A or B; a 'Winner: tie' (a judge template that offers it) counts as "
+            "a tie in that order",
     "failures": "a verdict that does not parse is a failure; a prompt with a failure in either order is excluded",
     "win_rate": "(wins + ties / 2) / judged prompts",
     "ci95": "percentile bootstrap over judged prompts",
@@ -472,11 +478,14 @@ def render(summary: dict) -> str:
         f"ties from order disagreement: {summary['order_disagreements']}; judge picked the first-shown response in "
         f"{pct(summary['first_position_preference'])} of its non-tie verdicts",
         "",
-        f"{'mean length':<12}{'tokens':>8}{'words':>8}",
+        f"{'mean length':<12}{'tokens':>8}{'words':>8}{'chars':>8}   cut at the length cap",
     ]
     for side in ("a", "b"):
         length = summary["length"][side]
-        lines.append(f"{side.upper():<12}{num(length['mean_tokens']):>8}{num(length['mean_words']):>8}")
+        # h2h.json files written before chars and cuts were counted lack them.
+        chars, cut = length.get("mean_chars"), length.get("truncated")
+        lines.append(f"{side.upper():<12}{num(length['mean_tokens']):>8}{num(length['mean_words']):>8}{num(chars):>8}   "
+                     f"{'-' if cut is None else cut}")
     return "\n".join(lines)
 
 
