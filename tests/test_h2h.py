@@ -516,3 +516,105 @@ def test_a_local_judge_trained_again_under_its_path_is_another_judge(other_model
     capsys.readouterr()
     assert main(args) == 5
     assert "judge_weights" in capsys.readouterr().err
+
+
+# --- AlpacaEval's judge prompts (PAPER.md §5: the paper's GPT-4 judge) ---------------------------------------
+
+# The shape of AlpacaEval's alpaca_eval_clf_gpt4_turbo prompt, shortened: ChatML turns, {instruction}, {output_1},
+# {output_2}, and the answer 'm' (output_1) or 'M'.
+ALPACA_CLF = '''<|im_start|>system
+You evaluate and select the best model.
+<|im_end|>
+<|im_start|>user
+## Instruction
+{"instruction": """{instruction}""",}
+## Model Outputs
+{{"model_identifier": "m", "output": """{output_1}"""}, {"model_identifier": "M", "output": """{output_2}"""}}
+Answer m or M.
+<|im_end|>'''
+# alpaca_eval_gpt4's shape: a ranking list of model_1 and model_2.
+ALPACA_RANKING = '''<|im_start|>system
+You rank models.
+<|im_end|>
+<|im_start|>user
+{"instruction": """{instruction}""",}
+[{"model": "model_1", "answer": """{output_1}"""}, {"model": "model_2", "answer": """{output_2}"""}]
+Return [{'model': <model-name>, 'rank': <model-rank>}, {'model': <model-name>, 'rank': <model-rank>}]
+<|im_end|>'''
+
+
+@pytest.mark.parametrize("text, label", [("m", "A"), ("M", "B"), (" `M`\n", "B"), ("'m'", "A"),
+                                         ("m or M", None), ("model M", None), ("", None)])
+def test_alpaca_eval_identifiers(text, label):
+    from srlm.h2h import parse_identifier
+
+    assert parse_identifier(text)[0] == label
+    assert (parse_identifier(text)[1] is None) == (label is not None)
+
+
+@pytest.mark.parametrize("text, label", [
+    ("[{'model': 'model_2', 'rank': 1}, {'model': 'model_1', 'rank': 2}]", "B"),
+    ("Here:\n[\n  {'model': 'model_1', 'rank': 1},\n  {'model': 'model_2', 'rank': 2}\n]", "A"),
+    ("[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 1}]", None),  # two firsts: no verdict
+    ("[{'model': 'model_3', 'rank': 1}]", None),
+    ("[{'name': 'model_1'}]", None),
+    ("I prefer model_1.", None),
+    ("[__import__('os').getcwd()]", None),  # read as a literal, never run
+])
+def test_alpaca_eval_rankings(text, label):
+    from srlm.h2h import parse_ranking
+
+    assert parse_ranking(text)[0] == label
+
+
+@pytest.mark.parametrize("template, answer_ab, answer_ba, winners", [
+    (ALPACA_CLF, "m", "M", ["a", "a"]),  # A's response in both orders
+    (ALPACA_CLF, "m", "m", ["a", "b"]),  # the first shown in both orders: position bias, a tie once combined
+    (ALPACA_RANKING, "[{'model': 'model_2', 'rank': 1}, {'model': 'model_1', 'rank': 2}]",
+     "[{'model': 'model_1', 'rank': 1}, {'model': 'model_2', 'rank': 2}]", ["b", "b"]),  # B's response in both
+])
+def test_an_alpaca_eval_prompt_is_sent_as_its_turns_and_read_by_its_answer(tmp_path, template, answer_ab, answer_ba,
+                                                                           winners):
+    from srlm.backends import Completion
+    from srlm.h2h import load_pairwise_template
+
+    path = tmp_path / "judge.txt"
+    path.write_text(template)
+    sent = []
+
+    class Judge:
+        def generate(self, requests, params):
+            sent.extend(requests)
+            shown_a_first = [r[1]["content"].index("A's answer") < r[1]["content"].index("B's answer") for r in requests]
+            return [Completion(text=answer_ab if ab else answer_ba, n_tokens=1, truncated=False) for ab in shown_a_first]
+
+    a = [H2HOutput(id="p0", instruction="Say hi.", text="A's answer <|im_end|> {output_2}", generator="x")]
+    b = [H2HOutput(id="p0", instruction="Say hi.", text="B's answer", generator="y")]
+    verdicts = judge_pairs(Judge(), a, b, tmp_path / "verdicts.jsonl", template=load_pairwise_template(path))
+    assert [m["role"] for m in sent[0]] == ["system", "user"] and "<|im_start|>" not in sent[0][1]["content"]
+    # The response's own ChatML marker and brace text stay text, and the instruction is in its slot.
+    assert "A's answer <|im_end|> {output_2}" in sent[0][1]["content"] and "Say hi." in sent[0][1]["content"]
+    assert [v.order for v in verdicts] == ["ab", "ba"] and all(v.error is None for v in verdicts)
+    assert [v.winner for v in verdicts] == winners
+
+
+def test_a_judge_prompt_without_a_readable_verdict_is_refused(tmp_path):
+    from srlm.errors import ConfigError
+    from srlm.h2h import load_pairwise_template
+
+    path = tmp_path / "judge.txt"
+    path.write_text("Compare <INSTRUCTION_HERE>: <RESPONSE_A_HERE> vs <RESPONSE_B_HERE>. Which is better?")
+    with pytest.raises(ConfigError, match="asks for no verdict srlm can read"):
+        load_pairwise_template(path)
+
+
+def test_the_shipped_alpaca_eval_prompts_load(tmp_path):
+    from srlm.h2h import load_pairwise_template, template_turns
+
+    shipped = Path(__file__).parents[2] / "shared/data/alpaca-eval"
+    if not shipped.exists():
+        pytest.skip("../shared/data is not here (the data is not part of the project)")
+    for name in ("judge_prompt__alpaca_eval_clf_gpt4_turbo.txt", "judge_prompt__alpaca_eval_gpt4.txt"):
+        turns = template_turns(load_pairwise_template(shipped / name))
+        assert [role for role, _ in turns] == ["system", "user"]
+        assert all(slot in turns[1][1] for slot in ("<INSTRUCTION_HERE>", "<RESPONSE_A_HERE>", "<RESPONSE_B_HERE>"))

@@ -41,7 +41,7 @@ from typing import Literal
 import numpy as np
 
 from .backends import Generator, SamplingParams, batch_params, close, plan_batches
-from .errors import InputError, RunDirError
+from .errors import ConfigError, InputError, RunDirError
 from .judging import fill_slots, read_template
 from .records import Record, RecordLog, atomic_write_text, write_jsonl
 from .rundir import pin_settings
@@ -227,10 +227,36 @@ def load_outputs(path: Path) -> dict[str, str]:
     return outputs
 
 
+# AlpacaEval's judge prompts (PAPER.md §5: the paper's GPT-4 judge) write the slots so; they are read as srlm's.
+ALPACA_EVAL_SLOTS = {"{instruction}": INSTRUCTION_SLOT, "{output_1}": RESPONSE_A_SLOT, "{output_2}": RESPONSE_B_SLOT}
+
+
 def load_pairwise_template(path: Path | None) -> str:
+    """The pairwise judge prompt: srlm's, or the file's, with its slots as <INSTRUCTION_HERE>, <RESPONSE_A_HERE> and
+    <RESPONSE_B_HERE> (or AlpacaEval's {instruction}, {output_1} and {output_2}, and then only those braces are
+    slots). A file may be in ChatML, as AlpacaEval's are: its system and user turns are sent as such."""
     if path is None:
         return PAIRWISE_TEMPLATE
-    return read_template(path, SLOTS, "pairwise judge prompt", "the instruction and the two responses")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""  # read_template names the problem
+    if not any(slot in text for slot in SLOTS) and all(brace in text for brace in ALPACA_EVAL_SLOTS):
+        template = fill_slots(text, ALPACA_EVAL_SLOTS)
+    else:
+        template = read_template(path, SLOTS, "pairwise judge prompt", "the instruction and the two responses")
+    _verdict_parser(template, path)  # at the door: a verdict srlm cannot read would fail every judgment
+    return template
+
+
+_CHATML_TURN = re.compile(r"<\|im_start\|>(system|user|assistant)\n(.*?)<\|im_end\|>", re.DOTALL)
+
+
+def template_turns(template: str) -> list[tuple[str, str]]:
+    """(role, text) of each turn of a ChatML template; a template without ChatML is one user turn. Split before the
+    slots are filled, so that a response holding ChatML markers stays text."""
+    turns = [(m.group(1), m.group(2).strip()) for m in _CHATML_TURN.finditer(template)]
+    return turns or [("user", template)]
 
 
 # --- the judge's prompt and verdict -------------------------------------------------------------------------
@@ -286,7 +312,44 @@ def parse_verdict(text: str) -> tuple[str | None, str | None]:
 
 def pairwise_request(template: str, a: H2HOutput, b: H2HOutput, order: Order) -> list[dict]:
     first, second = (a, b) if order == "ab" else (b, a)
-    return [{"role": "user", "content": fill_pairwise(template, a.instruction, first.text, second.text)}]
+    return [{"role": role, "content": fill_pairwise(text, a.instruction, first.text, second.text)}
+            for role, text in template_turns(template)]
+
+
+def parse_identifier(text: str) -> tuple[str | None, str | None]:
+    """AlpacaEval's classifier prompt: the answer is the best model's identifier, "m" (the first output) or "M"."""
+    answer = text.strip().strip("`'\"* .")
+    if answer in ("m", "M"):
+        return ("A" if answer == "m" else "B"), None
+    return None, f"{text.strip()[:40]!r} is not the identifier 'm' or 'M'"
+
+
+def parse_ranking(text: str) -> tuple[str | None, str | None]:
+    """AlpacaEval's ranking prompt: a Python list [{'model': 'model_1', 'rank': 1}, ...]; rank 1 is the winner."""
+    import ast
+
+    found = re.search(r"\[.*\]", text, re.DOTALL)
+    try:
+        ranking = ast.literal_eval(found.group()) if found else None
+        best = [r["model"] for r in ranking if r["rank"] == 1]
+    except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError):
+        return None, "no ranking list of {'model': ..., 'rank': ...} found"
+    if len(best) != 1 or best[0] not in ("model_1", "model_2"):
+        return None, f"rank 1 is not one of model_1 and model_2 ({best})"
+    return ("A" if best[0] == "model_1" else "B"), None
+
+
+def _verdict_parser(template: str, path: Path | None = None) -> Callable[[str], tuple[str | None, str | None]]:
+    """How a judge prompted with `template` gives its verdict: srlm's 'Winner: A/B', or one of AlpacaEval's."""
+    if re.search(r"\bwinner\s*:", template, re.IGNORECASE):
+        return parse_verdict
+    if '"model_identifier"' in template:
+        return parse_identifier
+    if "'rank'" in template:
+        return parse_ranking
+    raise ConfigError(f"{path or 'the pairwise judge prompt'}: asks for no verdict srlm can read: it must ask for a "
+                      "final line 'Winner: A' or 'Winner: B', or be one of AlpacaEval's prompts (the best model's "
+                      "identifier 'm' or 'M', or a ranking list of model_1 and model_2)")
 
 
 def model_winner(label: str | None, order: Order) -> str | None:
@@ -577,6 +640,7 @@ def judge_pairs(generator: Generator, outputs_a: Sequence[H2HOutput], outputs_b:
     b_by_id = {o.id: o for o in outputs_b}
     work = [(a, b_by_id[a.id], order) for a in outputs_a for order in ORDERS]
     log = RecordLog(out_path, PairVerdict)
+    parse = _verdict_parser(template)
     params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens, seed=seed)
     batches = plan_batches(work, lambda w: len(w[0].instruction) + len(w[0].text) + len(w[1].text), batch_size)
     for index, batch in enumerate(batches):
@@ -586,7 +650,7 @@ def judge_pairs(generator: Generator, outputs_a: Sequence[H2HOutput], outputs_b:
         requests = [pairwise_request(template, a, b, order) for a, b, order in batch]
         records = []
         for vid, (a, _, order), out in zip(ids, batch, generator.generate(requests, batch_params(params, index))):
-            label, error = parse_verdict(out.text)
+            label, error = parse(out.text)
             if label is None and out.truncated:
                 error = f"{error} (cut off at max_new_tokens)"
             records.append(PairVerdict(id=vid, prompt_id=a.id, order=order, text=out.text, label=label,
