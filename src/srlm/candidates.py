@@ -64,4 +64,4 @@ def truncation_warning(candidates: Sequence[Candidate], cap: int, limit: float) 
         return None
     return (f"{100 * cut / len(candidates):.0f}% of candidates were cut at candidates.max_new_tokens={cap}: their "
             "lengths are the cap's, so length growth (PAPER.md §7) is understated, and the judge reads unfinished "
-            "responses")
+            "responses; a higher cap lets them finish")
