@@ -75,7 +75,13 @@ def plot(stats: dict[int, dict], path: Path) -> Path:
         axes[2].plot(labels, [float("nan") if stats[t][key] is None else stats[t][key] for t in iterations],
                      marker="o", label=name)
     axes[2].set(title="response length (length explosion, PAPER.md §7)", ylabel="tokens")
-    axes[2].legend()
+    axes[2].legend(loc="upper left")
+    # A cut response has the cap's length: a rising share of them is length growth the means above cannot show.
+    cut = axes[2].twinx()
+    cut.plot(labels, [100 * stats[t].get("candidates_truncated", 0) / max(stats[t]["candidates"], 1) for t in iterations],
+             color="grey", linestyle="--", marker="x", label="cut at the length cap")
+    cut.set(ylabel="% of candidates cut", ylim=(0, 105))
+    cut.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
