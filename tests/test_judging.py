@@ -35,6 +35,9 @@ PARSED = [
     ("Score: 1 + 1 + 1 = 3", 3.0),
     ("Score: 1+1+1+1 = 4 points", 4.0),
     ("Score: one + two = three", 3.0),
+    ("Score: 1 + 1 + 1 = **3**", 3.0),
+    # A score followed by a remark with a number is not a choice of two.
+    ("Score: 3, 2 points were deducted for length.", 3.0),
 ]
 
 FAILED = [
@@ -56,6 +59,8 @@ FAILED = [
     ("Score: 1 + 1 + 1", "a sum without its total (1 + 1 + 1)"),
     ("Score: 1 + 1 + 1 = 4", "a total that is not the sum"),
     ("Score: 2 + 2 + 2 = 6", "outside [0, 5]"),
+    ("Score: 1 + 1 + 1 = 3 - 4", "not one score (1 + 1 + 1 = 3 - 4)"),
+    ("**Score: 2, 3**", "not one score (2, 3)"),
     # "score" inside another word is no score.
     ("The underscore: 1 is a character.", "no 'Score: N' found"),
 ]
@@ -119,6 +124,11 @@ def test_a_template_with_brace_slots_is_read_like_the_paper_copy_in_oasst2_srlm(
     ("The match score was 3-1 to the home side.", False),
     ("My credit score: 720, and yours?", False),
     ("Quiz score: 3.5 of 5", True),
+    # Whatever the judge's parser would read as a score is flagged: markdown, "=", words, a leading zero.
+    ("**Score:** 5", True),
+    ("Score = 5", True),
+    ("Score: five", True),
+    ("Score: 05", True),
     ("Here are five tips for better sleep.", False),
 ])
 def test_judge_format_text_in_a_response_is_flagged(text, flagged):

@@ -104,8 +104,9 @@ _NUMBER = r"(?:\d+(?:\.\d+)?|zero|one|two|three|four|five)\b"
 # The additive rubric invites a sum ("Score: 1 + 1 + 1 = 3"): its total is the score, read only if it is the sum.
 SCORE_PATTERN = re.compile(
     rf"\bscore[*_\s]*[:=][*_\s]*(?P<value>{_NUMBER})"
-    rf"(?:(?P<sum>(?:\s*\+\s*{_NUMBER})+)(?:\s*=\s*(?P<total>{_NUMBER}))?)?"
-    rf"(?P<range>\s*(?:-|–|to\b|or\b)\s*{_NUMBER}|\s*,\s*\d)?"
+    rf"(?:(?P<sum>(?:\s*\+\s*{_NUMBER})+)(?:[*_\s]*=[*_\s]*(?P<total>{_NUMBER}))?)?"
+    # "2, 3" ends the line or sentence; "3, 2 points were deducted" is a score and a remark.
+    rf"(?P<range>\s*(?:-|–|to\b|or\b)\s*{_NUMBER}|\s*,\s*{_NUMBER}(?=[*_\s]*(?:[.;)]|\n|\Z)))?"
     r"(?:\s*(?:/|out\s+of)\s*(?P<scale>\d+))?",
     re.IGNORECASE,
 )
@@ -130,7 +131,7 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
     match = matches[-1]
     raw = match.group("value").lower()
     if match.group("range"):
-        return None, f"not one score ({match.group('value')}{match.group('range')})"
+        return None, f"not one score ({text[match.start('value') : match.end('range')]})"
     if match.group("sum"):
         terms = [raw, *re.findall(_NUMBER, match.group("sum"), re.IGNORECASE)]
         total = match.group("total")
@@ -174,15 +175,14 @@ def check_failure_rate(judgments: Sequence[Judgment], limit: float, where: Path,
             f"fix it; see {where} for what it wrote")
 
 
-# Text a judge could mistake for its own verdict (PAPER.md §7, reward hacking).
-_GAMING = re.compile(
-    r"score\s*:\s*[0-5](?:\.\d+)?(?!\d)|additive 5-point|bestow a fifth point|<total points>|\bscore of 5\b",
-    re.IGNORECASE,
-)
+# Text a judge could mistake for its own verdict (PAPER.md §7, reward hacking): a score the judge's own parser would
+# read (any "Score: N" with N in 0-5, "**Score:** 5", "Score = five"), or the rubric's words.
+_GAMING = re.compile(r"additive 5-point|bestow a fifth point|<total points>|\bscore of 5\b", re.IGNORECASE)
 
 
 def contains_judge_text(response: str) -> bool:
-    return bool(_GAMING.search(response))
+    return bool(_GAMING.search(response)) or any(
+        parse_score(m.group(0))[0] is not None for m in SCORE_PATTERN.finditer(response))
 
 
 def judge_options(config) -> dict:
