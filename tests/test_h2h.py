@@ -560,6 +560,9 @@ def test_alpaca_eval_identifiers(text, label):
     ("[{'name': 'model_1'}]", None),
     ("I prefer model_1.", None),
     ("[__import__('os').getcwd()]", None),  # read as a literal, never run
+    ("[{'model': 'model_2', 'rank': 1}, {'model': 'model_1', 'rank': 2}]\nModel 2 is better [it is concise].", "B"),
+    ("Ranking [final]:\n[{'model': 'model_1', 'rank': '1'}, {'model': 'model_2', 'rank': '2'}]", "A"),
+    ("[{'model': 'model_1', 'rank': True}, {'model': 'model_2', 'rank': 2}]", None),
 ])
 def test_alpaca_eval_rankings(text, label):
     from srlm.h2h import parse_ranking
@@ -598,7 +601,7 @@ def test_an_alpaca_eval_prompt_is_sent_as_its_turns_and_read_by_its_answer(tmp_p
     assert [v.winner for v in verdicts] == winners
 
 
-def test_a_judge_prompt_without_a_readable_verdict_is_refused(tmp_path):
+def test_a_judge_prompt_without_a_readable_verdict_or_with_text_outside_its_turns_is_refused(tmp_path):
     from srlm.errors import ConfigError
     from srlm.h2h import load_pairwise_template
 
@@ -606,6 +609,25 @@ def test_a_judge_prompt_without_a_readable_verdict_is_refused(tmp_path):
     path.write_text("Compare <INSTRUCTION_HERE>: <RESPONSE_A_HERE> vs <RESPONSE_B_HERE>. Which is better?")
     with pytest.raises(ConfigError, match="asks for no verdict srlm can read"):
         load_pairwise_template(path)
+    # The last turn left open: the instruction and both outputs would never reach the judge.
+    path.write_text(ALPACA_CLF.removesuffix("<|im_end|>"))
+    with pytest.raises(ConfigError, match="text outside its ChatML turns"):
+        load_pairwise_template(path)
+
+
+@pytest.mark.parametrize("text, label", [
+    ("### Concise explanation\nOutput M is more complete.\n\n### Which is best, m or M?\nM", "B"),
+    ("Both are fine; the first is shorter.\nm.", "A"),
+    ("so the answer is Mm", None),
+    ("I cannot tell.", None),
+])
+def test_alpaca_eval_chain_of_thought_answers_end_with_the_identifier(tmp_path, text, label):
+    """alpaca_eval_clf_cot_gpt4_turbo asks for an explanation first and reads the answer's last character."""
+    from srlm.h2h import _verdict_parser, load_pairwise_template
+
+    path = tmp_path / "cot.txt"
+    path.write_text(ALPACA_CLF.replace("Answer m or M.", "Explain, then finish with m or M."))
+    assert _verdict_parser(load_pairwise_template(path))(text)[0] == label
 
 
 def test_the_shipped_alpaca_eval_prompts_load(tmp_path):

@@ -245,6 +245,12 @@ def load_pairwise_template(path: Path | None) -> str:
         template = fill_slots(text, ALPACA_EVAL_SLOTS)
     else:
         template = read_template(path, SLOTS, "pairwise judge prompt", "the instruction and the two responses")
+    if "<|im_start|>" in template:
+        # Text outside the turns (an unclosed last turn, say) would never reach the judge.
+        outside = _CHATML_TURN.sub("", template).strip()
+        if outside:
+            raise ConfigError(f"{path}: text outside its ChatML turns, which would not be sent: {outside[:80]!r} (each "
+                              "turn is <|im_start|>role, a newline, its text, <|im_end|>)")
     _verdict_parser(template, path)  # at the door: a verdict srlm cannot read would fail every judgment
     return template
 
@@ -324,19 +330,33 @@ def parse_identifier(text: str) -> tuple[str | None, str | None]:
     return None, f"{text.strip()[:40]!r} is not the identifier 'm' or 'M'"
 
 
+def parse_last_identifier(text: str) -> tuple[str | None, str | None]:
+    """AlpacaEval's chain-of-thought classifier prompt: an explanation, then the identifier last (it reads
+    `output[-1]`)."""
+    answer = text.rstrip().rstrip("`'\"* .")
+    if answer[-1:] in ("m", "M") and not answer[-2:-1].isalnum():
+        return ("A" if answer[-1] == "m" else "B"), None
+    return None, f"the answer does not end with the identifier 'm' or 'M': {text.strip()[-40:]!r}"
+
+
 def parse_ranking(text: str) -> tuple[str | None, str | None]:
     """AlpacaEval's ranking prompt: a Python list [{'model': 'model_1', 'rank': 1}, ...]; rank 1 is the winner."""
     import ast
 
-    found = re.search(r"\[.*\]", text, re.DOTALL)
-    try:
-        ranking = ast.literal_eval(found.group()) if found else None
-        best = [r["model"] for r in ranking if r["rank"] == 1]
-    except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError):
-        return None, "no ranking list of {'model': ..., 'rank': ...} found"
-    if len(best) != 1 or best[0] not in ("model_1", "model_2"):
-        return None, f"rank 1 is not one of model_1 and model_2 ({best})"
-    return ("A" if best[0] == "model_1" else "B"), None
+    opens = [i for i, c in enumerate(text) if c == "["]
+    closes = [i for i, c in enumerate(text) if c == "]"]
+    for start in opens:  # the first bracketed span that is a ranking, whatever text surrounds it
+        for end in (e for e in closes if e > start):
+            try:
+                ranking = ast.literal_eval(text[start : end + 1])
+                # A rank may be written 1 or "1" (not True, which Python would take for 1).
+                best = [r["model"] for r in ranking if str(r["rank"]).strip() == "1"]
+            except (ValueError, SyntaxError, TypeError, KeyError, MemoryError, RecursionError):
+                continue
+            if len(best) != 1 or best[0] not in ("model_1", "model_2"):
+                return None, f"rank 1 is not one of model_1 and model_2 ({best})"
+            return ("A" if best[0] == "model_1" else "B"), None
+    return None, "no ranking list of {'model': ..., 'rank': ...} found"
 
 
 def _verdict_parser(template: str, path: Path | None = None) -> Callable[[str], tuple[str | None, str | None]]:
@@ -344,7 +364,8 @@ def _verdict_parser(template: str, path: Path | None = None) -> Callable[[str], 
     if re.search(r"\bwinner\s*:", template, re.IGNORECASE):
         return parse_verdict
     if '"model_identifier"' in template:
-        return parse_identifier
+        chain_of_thought = re.search(r"finish with|output\[-1\]", template, re.IGNORECASE)
+        return parse_last_identifier if chain_of_thought else parse_identifier
     if "'rank'" in template:
         return parse_ranking
     raise ConfigError(f"{path or 'the pairwise judge prompt'}: asks for no verdict srlm can read: it must ask for a "
