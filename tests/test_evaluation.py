@@ -33,8 +33,8 @@ def test_hand_computed_mixed_case():
     assert m.spearman == pytest.approx((0.8660254 - 1) / 2)
     # Kendall tau-b a: C=2, D=0, ties in judge only = 1 -> 2 / sqrt(3 * 2) = 0.8165; b: -1.
     assert m.kendall_tau == pytest.approx((2 / 6 ** 0.5 - 1) / 2)
-    # c0 got a 5 but c1 had no parsed judgment, so prompt c is excluded: no 5s counted.
-    assert m.five_best is None
+    # c0 got a 5 and is the humans' best; c1's judgment failed, which leaves c out of every pair metric, not 5-best.
+    assert m.five_best == 1
     assert m.replies_scored == 6 and m.replies_failed == 1
 
 
@@ -51,6 +51,8 @@ def test_five_best_is_against_the_humans_best_of_all_replies_and_needs_a_human_o
     # A tied pair label (both replies 0.5) ranks nothing: its 5s count in no metric, 5-best included.
     m = judge_agreement(replies("t", [0.5, 0.5]) + replies("p", [1.0, 0.0]), {"t0": 5, "t1": 5, "p0": 3, "p1": 5})
     assert m.five_best == 0 and m.pairs == 1 and m.prompts == 1
+    # One parsed reply counts as well as two (the 5 above, alone: still not the best).
+    assert judge_agreement(replies("a", [0.9, 0.7, 0.5]), {"a1": 5}).five_best == 0
     # Replies tied for the humans' best are each best.
     m = judge_agreement(replies("b", [0.9, 0.9, 0.1]), {"b0": 5, "b1": 5, "b2": 1})
     assert m.five_best == 1

@@ -261,10 +261,19 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
     scored = sum(1 for r in replies if r.id in judge_scores)
     for replies_of_prompt in by_prompt.values():
         group = [r for r in replies_of_prompt if r.id in judge_scores]
-        if len(group) < 2:
-            continue
         human = [r.human_score for r in group]
         model = [judge_scores[r.id] for r in group]
+        # 5-best: a 5 against the humans' best among all the prompt's replies, not among those whose judgment parsed
+        # (else a failed judgment of the best reply would make the second best "best"), so a prompt with one parsed
+        # reply counts too; a prompt humans rate all alike has no best.
+        everyone = [r.human_score for r in replies_of_prompt]
+        if len(set(everyone)) > 1:
+            for h, m in zip(human, model):
+                if m >= FIVE:
+                    fives += 1
+                    fives_best += h == max(everyone)
+        if len(group) < 2:
+            continue
         prompt_pairs = prompt_agree = 0
         for i, j in combinations(range(len(group)), 2):
             if human[i] == human[j]:
@@ -284,14 +293,6 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
             for values, metric in ((rhos, spearman), (taus, kendall_tau_b)):
                 value = metric(model, human)
                 values.append(0.0 if value is None else value)
-        # The humans' best among all the prompt's replies, not among those whose judgment parsed: else a failed
-        # judgment of the best reply would make the second best "best". A prompt humans rank all alike has none.
-        everyone = [r.human_score for r in replies_of_prompt]
-        if len(set(everyone)) > 1:
-            for h, m in zip(human, model):
-                if m >= FIVE:
-                    fives += 1
-                    fives_best += h == max(everyone)
     ratio = lambda n, d: n / d if d else None
     return JudgeAgreement(
         pairwise_accuracy=ratio(agree, pairs), exact_match=ratio(sum(exact), len(exact)),
