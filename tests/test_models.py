@@ -135,6 +135,14 @@ def test_cgroup_v1_memory_beside_an_empty_v2_hierarchy(monkeypatch, tmp_path):
     assert models.cgroup_memory() == (None, None)
 
 
+def test_a_mount_of_another_subtree_says_nothing_of_this_process(monkeypatch, tmp_path):
+    made_up_system(monkeypatch, tmp_path, "4:memory:/user.slice/u1\n", [
+        "35 31 0:32 /docker/other {root}/mem rw,relatime - cgroup cgroup rw,memory"])
+    level(tmp_path / "mem", str(GIB), GIB // 2)  # /docker/other's limit, not this process's
+    (tmp_path / "mem/memory.max").rename(tmp_path / "mem/memory.limit_in_bytes")
+    assert models.cgroup_memory() == (None, None)
+
+
 def test_no_proc_files_no_limit(monkeypatch, tmp_path):
     monkeypatch.setattr(models, "PROC_CGROUP", str(tmp_path / "missing"))
     assert models.cgroup_memory() == (None, None)

@@ -244,8 +244,11 @@ def _cgroup_paths() -> list[tuple[int, Path, Path]]:
             number, controllers, path = (group.split(":", 2) + ["", ""])[:3]
             if (version == 2 and number == "0" and not controllers) or (
                     version == 1 and "memory" in controllers.split(",")):
-                # A mount of a subtree (a container without its own cgroup namespace) shows paths from the host's root.
-                if root != "/" and (path == root or path.startswith(root + "/")):
+                # A mount of a subtree (a container without its own cgroup namespace) shows paths from the host's root;
+                # a subtree this process is not in says nothing of its limit.
+                if root != "/":
+                    if not (path == root or path.startswith(root + "/")):
+                        continue
                     path = path[len(root) :]
                 own = point / path.lstrip("/")
                 found.append((version, own if own.is_dir() else point, point))
