@@ -31,9 +31,12 @@ def test_candidates_cut_at_the_cap_are_marked_counted_and_warned_of(tmp_path):
     assert truncation_warning(candidates[::2], 16, 0.0) is None and truncation_warning([], 16, 0.0) is None
 
 
-def test_a_run_recorded_before_candidates_were_marked_reads_as_none_cut():
+def test_a_run_recorded_before_candidates_were_marked_says_it_does_not_know():
     old = Candidate.model_validate({"id": "p0-c0", "prompt_id": "p0", "index": 0, "text": "hi"})
-    assert old.truncated is False
+    assert old.truncated is None  # not "not cut": unknown
     stats = iteration_stats([], [old], [], select_pairs([], [old], []), n_prompts=1)
+    assert stats["candidates_truncated"] is None and stats["chosen_truncated"] == 0  # no pairs: nothing chosen
+    assert "cut at the length cap: all (chosen / rejected)  - (0 / 0)" in format_table({1: stats})
     legacy = {k: v for k, v in stats.items() if "truncated" not in k}  # a summary.json of an older srlm
-    assert "cut at the length cap: all (chosen / rejected)  0 (0 / 0)" in format_table({1: legacy})
+    assert "cut at the length cap: all (chosen / rejected)  - (- / -)" in format_table({1: legacy})
+    assert truncation_warning([old], 16, 0.0) is None

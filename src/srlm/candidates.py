@@ -59,7 +59,7 @@ def respond(
 
 def truncation_warning(candidates: Sequence[Candidate], cap: int, limit: float) -> str | None:
     """What to tell the user when more than `limit` of the candidates were cut at the length cap `cap`, or None."""
-    cut = sum(c.truncated for c in candidates)
+    cut = sum(c.truncated is True for c in candidates)
     if not candidates or cut / len(candidates) <= limit:
         return None
     return (f"{100 * cut / len(candidates):.0f}% of candidates were cut at candidates.max_new_tokens={cap}: their "

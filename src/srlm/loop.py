@@ -204,7 +204,7 @@ class Run:
             if warning:
                 say(f"[srlm] warning: iteration {t}: {warning}")
             return {"candidates": len(out), "flagged": sum(x.flagged for x in out),
-                    "truncated": sum(x.truncated for x in out)}
+                    "truncated": sum(x.truncated is True for x in out)}
 
         candidates = self._stage(f"iter_{t}.candidates", candidates_work,
                                  lambda: read_jsonl(folder / "candidates.jsonl", Candidate))

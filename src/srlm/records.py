@@ -80,8 +80,8 @@ class Candidate(Record):
     # Judge-format text inside a response ("Score: 5", the rubric's words) can game the judge (PAPER.md §7).
     flagged: bool = False
     # Cut at candidates.max_new_tokens before it ended: its length is the cap's, not the model's (PAPER.md §7, length
-    # explosion), and the judge reads an unfinished response.
-    truncated: bool = False
+    # explosion), and the judge reads an unfinished response. None: not recorded (a run of an older srlm).
+    truncated: bool | None = None
 
 
 class Judgment(Record):

@@ -78,8 +78,9 @@ def plot(stats: dict[int, dict], path: Path) -> Path:
     axes[2].legend(loc="upper left")
     # A cut response has the cap's length: a rising share of them is length growth the means above cannot show.
     cut = axes[2].twinx()
-    cut.plot(labels, [100 * stats[t].get("candidates_truncated", 0) / max(stats[t]["candidates"], 1) for t in iterations],
-             color="grey", linestyle="--", marker="x", label="cut at the length cap")
+    shares = [float("nan") if stats[t].get("candidates_truncated") is None  # not recorded by an older srlm
+              else 100 * stats[t]["candidates_truncated"] / max(stats[t]["candidates"], 1) for t in iterations]
+    cut.plot(labels, shares, color="grey", linestyle="--", marker="x", label="cut at the length cap")
     cut.set(ylabel="% of candidates cut", ylim=(0, 105))
     cut.legend(loc="lower right")
     fig.tight_layout()

@@ -26,9 +26,9 @@ def iteration_stats(
         "prompt_drop_reasons": dict(Counter(a.reason for a in attempts if not a.kept)),
         "candidates": len(candidates),
         "candidates_flagged": sum(c.flagged for c in candidates),
-        "candidates_truncated": sum(c.truncated for c in candidates),
-        "chosen_truncated": sum(c.truncated for c in chosen),
-        "rejected_truncated": sum(c.truncated for c in rejected),
+        "candidates_truncated": _count_cut(candidates),
+        "chosen_truncated": _count_cut(chosen),
+        "rejected_truncated": _count_cut(rejected),
         "judgments": len(judgments),
         "parse_failures": failures,
         "parse_failure_rate": failures / len(judgments) if judgments else 0.0,
@@ -43,6 +43,13 @@ def iteration_stats(
         "mean_rejected_tokens": mean(c.n_tokens for c in rejected) if rejected else None,
         "mean_candidate_tokens": mean(c.n_tokens for c in candidates) if candidates else None,
     }
+
+
+def _count_cut(candidates: Sequence[Candidate]) -> int | None:
+    """How many were cut at the length cap; None where a run of an older srlm did not record it."""
+    if any(c.truncated is None for c in candidates):
+        return None
+    return sum(bool(c.truncated) for c in candidates)
 
 
 def _fmt(value) -> str:
@@ -69,9 +76,10 @@ ROWS = [
     ("other drops", lambda s: _fmt(s["dropped_other"])),
     ("mean chosen / rejected tokens",
      lambda s: f"{_fmt(s['mean_chosen_tokens'])} / {_fmt(s['mean_rejected_tokens'])}"),
-    # Records written before the field existed count as not cut.
+    # "-" where a run of an older srlm did not record it.
     ("cut at the length cap: all (chosen / rejected)",
-     lambda s: f"{s.get('candidates_truncated', 0)} ({s.get('chosen_truncated', 0)} / {s.get('rejected_truncated', 0)})"),
+     lambda s: f"{_fmt(s.get('candidates_truncated'))} ({_fmt(s.get('chosen_truncated'))} / "
+               f"{_fmt(s.get('rejected_truncated'))})"),
 ]
 
 
