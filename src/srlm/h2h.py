@@ -343,9 +343,11 @@ def parse_ranking(text: str) -> tuple[str | None, str | None]:
     """AlpacaEval's ranking prompt: a Python list [{'model': 'model_1', 'rank': 1}, ...]; rank 1 is the winner."""
     import ast
 
-    opens = [i for i, c in enumerate(text) if c == "["]
-    closes = [i for i, c in enumerate(text) if c == "]"]
-    for start in opens:  # the first bracketed span that is a ranking, whatever text surrounds it
+    # The first bracketed span that is a ranking, whatever text surrounds it; a bounded search, since a rambling
+    # judge can write hundreds of brackets.
+    opens = [i for i, c in enumerate(text) if c == "["][:32]
+    closes = [i for i, c in enumerate(text) if c == "]"][:256]
+    for start in opens:
         for end in (e for e in closes if e > start):
             try:
                 ranking = ast.literal_eval(text[start : end + 1])
