@@ -128,10 +128,14 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
         if re.search(r"score\s*:\s*<", text, re.IGNORECASE):
             return None, "placeholder copied from the prompt instead of a score"
         return None, "no 'Score: N' found"
-    match = matches[-1]
+    return _read_score(matches[-1])
+
+
+def _read_score(match: re.Match) -> tuple[float | None, str | None]:
+    """One SCORE_PATTERN match read as a score, or (None, why it is none)."""
     raw = match.group("value").lower()
     if match.group("range"):
-        return None, f"not one score ({text[match.start('value') : match.end('range')]})"
+        return None, f"not one score ({match.string[match.start('value') : match.end('range')]})"
     if match.group("sum"):
         terms = [raw, *re.findall(_NUMBER, match.group("sum"), re.IGNORECASE)]
         total = match.group("total")
@@ -182,7 +186,7 @@ _GAMING = re.compile(r"additive 5-point|bestow a fifth point|<total points>|\bsc
 
 def contains_judge_text(response: str) -> bool:
     return bool(_GAMING.search(response)) or any(
-        parse_score(m.group(0))[0] is not None for m in SCORE_PATTERN.finditer(response))
+        _read_score(m)[0] is not None for m in SCORE_PATTERN.finditer(response))
 
 
 def judge_options(config) -> dict:
