@@ -42,7 +42,7 @@ import numpy as np
 
 from .backends import Generator, SamplingParams, batch_params, close, plan_batches
 from .errors import ConfigError, InputError, RunDirError
-from .judging import fill_slots, read_template
+from .judging import fill_slots, read_slotted_template
 from .records import Record, RecordLog, atomic_write_text, write_jsonl
 from .rundir import pin_settings
 
@@ -237,14 +237,8 @@ def load_pairwise_template(path: Path | None) -> str:
     slots). A file may be in ChatML, as AlpacaEval's are: its system and user turns are sent as such."""
     if path is None:
         return PAIRWISE_TEMPLATE
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        text = ""  # read_template names the problem
-    if not any(slot in text for slot in SLOTS) and all(brace in text for brace in ALPACA_EVAL_SLOTS):
-        template = fill_slots(text, ALPACA_EVAL_SLOTS)
-    else:
-        template = read_template(path, SLOTS, "pairwise judge prompt", "the instruction and the two responses")
+    template = read_slotted_template(path, SLOTS, ALPACA_EVAL_SLOTS, "pairwise judge prompt",
+                                     "the instruction and the two responses")
     if "<|im_start|>" in template:
         # Text outside the turns (an unclosed last turn, say) would never reach the judge.
         outside = _CHATML_TURN.sub("", template).strip()

@@ -67,19 +67,25 @@ def read_template(path: Path, slots: Sequence[str], what: str, where: str) -> st
 BRACE_SLOTS = {"{prompt}": INSTRUCTION_SLOT, "{response}": RESPONSE_SLOT}
 
 
+def read_slotted_template(path: Path, slots: Sequence[str], braces: dict[str, str], what: str, where: str) -> str:
+    """`read_template`, or, for a file that writes its slots as `braces` (other projects' copies of a prompt) and
+    none of srlm's, the file with those braces, and only those, turned into srlm's slots."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        text = ""  # read_template names the problem
+    if not any(slot in text for slot in slots) and all(brace in text for brace in braces):
+        return fill_slots(text, braces)
+    return read_template(path, slots, what, where)
+
+
 def load_template(path: Path | None) -> str:
     """The judge prompt: the paper's, or the file's, with its slots as <INSTRUCTION_HERE> and <RESPONSE_HERE> (a file
     may write them {prompt} and {response} instead, and then only those braces are slots)."""
     if path is None:
         return PAPER_TEMPLATE
-    slots = (INSTRUCTION_SLOT, RESPONSE_SLOT)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError):
-        text = ""  # read_template names the problem
-    if not any(slot in text for slot in slots) and all(brace in text for brace in BRACE_SLOTS):
-        return fill_slots(text, BRACE_SLOTS)
-    return read_template(path, slots, "judge prompt (judge.template)", "the prompt and the response")
+    return read_slotted_template(path, (INSTRUCTION_SLOT, RESPONSE_SLOT), BRACE_SLOTS, "judge prompt (judge.template)",
+                                 "the prompt and the response")
 
 
 def fill_slots(template: str, values: dict[str, str]) -> str:
