@@ -49,9 +49,14 @@ bench: $(STAMP)
 
 # What bench/device_check.sh needs on a lent GPU machine, which has PyTorch, transformers' dependencies and accelerate
 # but no network: wheels of the rest, at this venv's versions, for its Python 3.12, and the embedded model's config
-# and tokenizer (its weights are too large to travel; the bench gives that shape random weights).
+# and tokenizer (its weights are too large to travel; the bench gives that shape random weights). The second line:
+# what transformers checks the version of at import (huggingface-hub >= 2.4 there, which the image's 1.x fails), and
+# kernels, which its from_pretrained requires by default,
+# with the hub's own new dependencies.
 DEVICE_PACKAGES := transformers trl datasets dill multiprocess pydantic pydantic-core annotated-types \
-                   typing-inspection gguf
+                   typing-inspection gguf \
+                   huggingface-hub httpx2 httpcore2 truststore typing-extensions regex tqdm hf-xet click h11 anyio idna \
+                   fsspec kernels tomlkit
 MODEL_FILES     := config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja
 
 device-files: $(STAMP)

@@ -8,7 +8,8 @@
 #
 #     bash bench/device_check.sh        # figures and logs go to $OUT (default: /tmp/srlm-device)
 #
-# DEVICE (default cuda) and BENCH_ARGS (extra bench/speed.py arguments) change what runs, and PYTHON which interpreter:
+# DEVICE (default cuda) and BENCH_ARGS (extra bench/speed.py arguments) change what runs, BENCH_TIMEOUT (seconds)
+# stops the bench in time for the logs to come back within a lease, and PYTHON says which interpreter:
 # `DEVICE=cpu PYTHON=.venv/bin/python BENCH_ARGS="--prompts 8 --new-tokens 8 ..." bash bench/device_check.sh` tries
 # the script here.
 #
@@ -40,10 +41,11 @@ part() {  # part NAME COMMAND...: run one check, log it to $OUT/NAME.log, rememb
 }
 
 part machine sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; \
-    $PY -c 'import torch, transformers, trl; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__)'"
+    $PY -c 'import torch, transformers, trl; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__)'; \
+    $PY -m pip list 2>/dev/null | grep -i -E '^(accelerate|huggingface.hub|tokenizers|safetensors|pyarrow|numpy|triton) '"
 part tests env SRLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider tests/test_backends.py
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-part bench "$PY" bench/speed.py --device "$DEVICE" --model .device/model --random-weights --no-naive-judge \
+part bench timeout "${BENCH_TIMEOUT:-0}" "$PY" bench/speed.py --device "$DEVICE" --model .device/model --random-weights --no-naive-judge \
     --out "$OUT/speed-$DEVICE.json" ${BENCH_ARGS:-}
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -1,4 +1,5 @@
-"""Sizing a sampling batch from the model's shape and the device's memory (models.auto_batch_size)."""
+"""models.py: sizing a sampling batch from the model's shape and the device's memory (models.auto_batch_size), and
+loading a checkpoint (models.load_model)."""
 from __future__ import annotations
 
 import json
@@ -178,3 +179,20 @@ def test_a_head_to_head_judge_gets_no_larger_batch_than_fits_it(monkeypatch, che
     config.generation.batch_size = 1
     assert capped_batch_size(config, checkpoint) == 1
 
+
+
+def test_a_loaded_model_never_swaps_in_hub_kernels(monkeypatch, tiny_model):
+    """transformers kernelizes a model at load and again whenever `.train()`/`.eval()` sees a new mode, fetching the
+    kernels from the Hub for the device it is on: offline on a GPU, the first training step failed (seen on an H200)."""
+    import transformers.modeling_utils
+
+    from srlm.config import ModelConfig
+
+    def hub(*args, **kwargs):
+        raise AssertionError("srlm asked transformers for Hub kernels")
+
+    monkeypatch.setattr(transformers.modeling_utils, "kernelize", hub)
+    lm = models.load_model(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), "cpu")
+    lm.train()
+    lm.eval()
+    assert not lm.use_kernels

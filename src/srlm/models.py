@@ -404,8 +404,12 @@ def load_model(path: Path | str, model: ModelConfig, device: str, *, dropout: fl
             if hasattr(config, key):
                 setattr(config, key, dropout)
     try:
+        # use_kernels=False: transformers (5.2x) otherwise swaps layers for Hub kernels, code fetched from the Hub when
+        # the model first trains or runs on a GPU (model.train() re-kernelizes for the new device): offline that load
+        # fails, and online it runs downloaded code that srlm never tested and that changes the numbers.
         lm = AutoModelForCausalLM.from_pretrained(
-            path, config=config, dtype=dtype or pick_dtype(model.dtype, device), use_safetensors=True, **kwargs
+            path, config=config, dtype=dtype or pick_dtype(model.dtype, device), use_safetensors=True,
+            use_kernels=False, **kwargs
         )
     except OSError as e:
         raise ModelError(f"{path}: cannot load model weights as safetensors: {e}")
