@@ -86,6 +86,12 @@ class PeakRSS:
         return ", GPU ".join(f"{v} GiB" for v in self.figures.values())
 
 
+def peaks(row: dict) -> str:
+    """A worker row's peak memory, for its printed line."""
+    gpu = f", GPU {row['peak_gpu_gib']} GiB" if "peak_gpu_gib" in row else ""
+    return f"peak RSS {row['peak_rss_gib']} GiB{gpu}"
+
+
 def requests_for(n: int) -> list[list[dict]]:
     from srlm.seed import load_ift
 
@@ -183,7 +189,7 @@ def generation(model_path, n: int, new_tokens: int, vllm_python: Path | None, de
         if row is None:
             raise RuntimeError(f"generation row {name!r} failed, {why}")
         print(f"  {name:<44} {row['tokens_per_s']:7.1f} tok/s  ({row['tokens']} tokens, {row['seconds']:.0f} s, "
-              f"batch {row['batch_size']}, {row['dtype']}, peak RSS {row['peak_rss_gib']} GiB)", flush=True)
+              f"batch {row['batch_size']}, {row['dtype']}, {peaks(row)})", flush=True)
         rows.append(row)
     if vllm_python is not None and vllm_python.exists():
         from srlm.models import cpu_has_native_bf16
@@ -449,7 +455,7 @@ def training(stage: str, model_path, n: int, device: str) -> list[dict]:
             raise RuntimeError(f"{stage} row {name!r} failed, {why}")
         print(f"  {stage.upper()} {name:<40} {row[f'{unit}_per_s']:.3f} {unit}/s ({n} {unit}, {row['precision']}, "
               f"batch {row['batch_size']}, micro-batch {row['micro_batch_size']}, {row['seconds']:.0f} s, "
-              f"peak RSS {row['peak_rss_gib']} GiB)", flush=True)
+              f"{peaks(row)})", flush=True)
         rows.append(row)
     rate = {row["setting"]: row[f"{unit}_per_s"] for row in rows}
     names = [setting[0] for setting in TRAINING_SETTINGS]
@@ -627,11 +633,18 @@ def main() -> None:
                                + sys.argv[1:]), "machine": machine(args.device),
                                "model": model + (" (random weights)" if args.random_weights else "")}
         result, measured = {}, {}
+
+        def publish():
+            # After each section, so that a later one failing or running out of time (a lent GPU's lease) keeps it.
+            out.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out, json.dumps(merge(out, result, measured), indent=2) + "\n")
+
         if "generation" not in args.skip:
             print(f"generation: {args.prompts} prompts x {args.new_tokens} new tokens, T=0.7, top-p 0.9", flush=True)
             result["generation"] = generation(model_path, args.prompts, args.new_tokens, args.vllm_python, args.device)
             result["generation_workload"] = {"prompts": args.prompts, "new_tokens": args.new_tokens, **SAMPLING}
             measured["generation"] = facts(args.model)
+            publish()
         if "judging" not in args.skip:
             print(f"judging: {args.judge_candidates} candidates with {args.judge_model or args.model}", flush=True)
             rows, agreement, ceiling = judging(judge_path, args.judge_candidates, not args.no_naive_judge, args.device)
@@ -642,14 +655,13 @@ def main() -> None:
                   f"labels: sample {agreement['spearman_sample_vs_eft_label']}, expected "
                   f"{agreement['spearman_expected_vs_eft_label']}, expected after a justification "
                   f"{agreement['spearman_expected_justified_vs_eft_label']}", flush=True)
+            publish()
         for stage, n in (("sft", args.sft_examples), ("dpo", args.dpo_pairs)):
             if stage not in args.skip:
                 print(f"{stage}: {n} {'examples' if stage == 'sft' else 'pairs'}", flush=True)
                 result[stage] = training(stage, model_path, n, args.device)
                 measured[stage] = facts(args.model)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    merged = merge(out, result, measured)
-    atomic_write_text(out, json.dumps(merged, indent=2) + "\n")
+                publish()
     print(f"-> {out}")
 
 
