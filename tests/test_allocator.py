@@ -96,3 +96,24 @@ def test_srlm_malloc_system_leaves_malloc_as_it_is():
 def test_does_nothing_outside_glibc(monkeypatch):
     monkeypatch.setattr(allocator.platform, "libc_ver", lambda: ("", ""))
     assert allocator._apply() is False
+
+
+def test_a_tensor_stage_on_a_gpu_hands_pytorchs_cached_blocks_back_to_the_driver(monkeypatch):
+    """After training on a GPU, what PyTorch's allocator caches is free to it alone: a vLLM engine started next sizes
+    its KV cache from what the driver reports free."""
+    import torch
+
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
+    monkeypatch.setenv("SRLM_MALLOC", "system")  # the GPU's memory is handed back whatever malloc does
+    monkeypatch.setattr(allocator, "_tuned", None)
+
+    @allocator.tensor_stage
+    def train():
+        assert not emptied
+        return "trained"
+
+    assert train() == "trained"
+    assert emptied == [True]

@@ -196,3 +196,15 @@ def test_a_loaded_model_never_swaps_in_hub_kernels(monkeypatch, tiny_model):
     lm.train()
     lm.eval()
     assert not lm.use_kernels
+
+
+def test_on_a_gpu_the_blocks_pytorch_caches_count_as_free(monkeypatch):
+    """A model released earlier in the process leaves its memory cached by PyTorch, reported used by the driver:
+    the next model's batch would shrink by all of it."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda index: (10 * GIB, 80 * GIB))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 50 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 20 * GIB)
+    assert models.available_memory("cuda") == 40 * GIB

@@ -49,10 +49,18 @@ def keep_freed_memory() -> bool:
 
 
 def release_freed_memory() -> None:
-    """Give the free memory malloc holds back to the kernel (glibc's malloc_trim), where keep_freed_memory() is on."""
-    if _tuned:
+    """Give the free memory malloc holds back to the kernel (glibc's malloc_trim), where keep_freed_memory() is on,
+    and the GPU memory PyTorch's allocator caches back to the driver, where this process has used a GPU."""
+    torch = sys.modules.get("torch")
+    on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
+    if _tuned or on_gpu:
         gc.collect()  # the Trainer's reference cycles hold the model and optimizer state until collected
+    if _tuned:
         ctypes.CDLL(None).malloc_trim(0)
+    if on_gpu:
+        # A training stage's peak (activations, gradients, optimizer state) would otherwise stay reserved from
+        # the driver through the stages after it: a vLLM engine sizes its KV cache from the GPU's free memory.
+        torch.cuda.empty_cache()
 
 
 def tensor_stage(stage):

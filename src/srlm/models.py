@@ -300,11 +300,16 @@ def _stat_value(path: Path, key: str) -> int:
 
 def available_memory(device: str) -> int | None:
     """Bytes of memory free for a new allocation now (the kernel's MemAvailable on a CPU, within the cgroup's
-    headroom), or None where the system does not say."""
+    headroom; on a GPU, the device's free memory and what PyTorch's allocator holds unused), or None where the
+    system does not say."""
     import torch
 
     if device == "cuda":
-        return torch.cuda.mem_get_info(torch.cuda.current_device())[0]
+        # A model released earlier in this process (the last stage's sampler, judge or trainer) leaves its blocks
+        # cached by PyTorch: the driver counts them used, but the next model's tensors reuse them.
+        index = torch.cuda.current_device()
+        cached = torch.cuda.memory_reserved(index) - torch.cuda.memory_allocated(index)
+        return torch.cuda.mem_get_info(index)[0] + max(cached, 0)
     free = None
     try:
         with open(MEMINFO, encoding="ascii") as f:
