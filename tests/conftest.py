@@ -50,7 +50,10 @@ def eft_file() -> Path:
 
 
 def tiny_overrides(model: Path, ift: Path, eft: Path) -> list[str]:
-    return testing.tiny_overrides(model, ift, eft, FIXTURES / "short_judge_template.txt")
+    """The tiny run's overrides, on SRLM_TEST_DEVICE where it is set (the loop and training tests on a GPU)."""
+    where = os.environ.get("SRLM_TEST_DEVICE", "cpu")
+    return [f"device={where}" if o == "device=cpu" else o
+            for o in testing.tiny_overrides(model, ift, eft, FIXTURES / "short_judge_template.txt")]
 
 
 def tiny_config(model: Path, *extra: str):
