@@ -8,8 +8,9 @@
 #
 #     bash bench/device_check.sh        # figures and logs go to $OUT (default: /tmp/srlm-device)
 #
-# DEVICE (default cuda) and BENCH_ARGS (extra bench/speed.py arguments) change what runs, BENCH_TIMEOUT (seconds)
-# stops the bench in time for the logs to come back within a lease, and PYTHON says which interpreter:
+# DEVICE (default cuda) and BENCH_ARGS (extra bench/speed.py arguments) change what runs, PARTS which parts run
+# (some of: machine tests loop profile bench), BENCH_TIMEOUT (seconds) stops the bench in time for the logs to come
+# back within a lease, and PYTHON says which interpreter:
 # `DEVICE=cpu PYTHON=.venv/bin/python BENCH_ARGS="--prompts 8 --new-tokens 8 ..." bash bench/device_check.sh` tries
 # the script here.
 #
@@ -19,6 +20,13 @@
 # token counts; but random weights never stop early (every sequence runs to its token limit), and a random model's
 # top-p nucleus never fits the sampler's shortlist (every sampled step sorts the whole vocabulary, which a trained
 # model's rarely does). Each part runs even if one before it failed; the exit status says whether all passed.
+#
+# On an H200 (bench/README.md, run G1) the whole of it takes longer than one call may (10 minutes): the backend tests
+# about 1 minute, the bench's generation and judging about 4.5, each of its ten training rows about 40 s, most of it
+# starting a process. A 15-minute lease (the machine's start included) fits most of it in two calls, for instance
+#     PARTS="machine tests loop profile bench" BENCH_ARGS="--judge-candidates 96 --skip sft dpo" BENCH_TIMEOUT=360
+#     PARTS="bench" BENCH_ARGS="--skip generation judging --sft-examples 32 --dpo-pairs 32" BENCH_TIMEOUT=<what is left>
+# the second run at once, while the machine is still warm (it goes back after 30 s idle).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/srlm-device}
@@ -34,8 +42,11 @@ if ! "$PY" -c "import trl, pydantic, datasets" 2>/dev/null; then
     export PYTHONPATH="$PYTHONPATH:/tmp/srlm-site"
 fi
 failed=()
-part() {  # part NAME COMMAND...: run one check, log it to $OUT/NAME.log, remember a failure
+part() {  # part NAME COMMAND...: run one check (if PARTS names it, or PARTS is unset), log it to $OUT/NAME.log
     local name=$1; shift
+    if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then
+        return
+    fi
     echo "== $name: $*"
     "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
