@@ -208,3 +208,55 @@ def test_on_a_gpu_the_blocks_pytorch_caches_count_as_free(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 50 * GIB)
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 20 * GIB)
     assert models.available_memory("cuda") == 40 * GIB
+
+
+def test_processes_that_start_together_convert_the_embedded_model_once(monkeypatch, tmp_path):
+    """`accelerate launch`'s ranks, or two runs on a new machine, share the cache: one converts, the others wait and
+    load what it published (each converting into the same `.saving` directory tore each other's files)."""
+    import threading
+    import time
+
+    from srlm.config import ModelConfig
+
+    monkeypatch.setenv("SRLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda: tmp_path / "model.gguf")
+    converting, conversions = [], []
+
+    def convert(gguf, target):
+        converting.append(1)
+        assert len(converting) == 1, "two conversions at once"
+        time.sleep(0.2)
+        target.mkdir(parents=True)
+        (target / "config.json").write_text("{}")
+        conversions.append(target)
+        converting.pop()
+
+    monkeypatch.setattr(models, "convert_gguf", convert)
+    found, errors = [], []
+
+    def resolve():
+        try:
+            found.append(models.resolve(ModelConfig()))
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=resolve) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(conversions) == 1
+    assert found == [models.embedded_cache()] * 3
+
+
+def test_under_accelerate_launch_each_process_takes_its_own_gpu_before_loading(monkeypatch):
+    import torch
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert models.pick_device("auto") == "cuda"
+    assert chosen == [3]
+    monkeypatch.delenv("LOCAL_RANK")
+    assert models.pick_device("cuda") == "cuda" and chosen == [3]

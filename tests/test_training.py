@@ -229,3 +229,55 @@ def test_only_the_main_process_publishes_and_all_wait_for_it(tmp_path, tiny_mode
     Trainer.accelerator = Accelerator(main=True)
     finish(Trainer, tokenizer, tmp_path / "M2", work)
     assert (tmp_path / "M2" / "model.safetensors").exists() and not work.exists()
+
+
+def test_one_process_trains_on_one_gpu_whatever_it_sees(tmp_path, monkeypatch):
+    """Without `accelerate launch`, transformers would use nn.DataParallel over every visible GPU, which TRL refuses
+    at its first training stage (and which would multiply the batch)."""
+    from trl import DPOConfig, SFTConfig
+
+    from srlm.config import RunConfig
+    from srlm.training import trainer_config, training_arguments
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for cls, section in ((SFTConfig, RunConfig().sft), (DPOConfig, RunConfig().dpo)):
+        assert cls(**training_arguments(section, work_dir=tmp_path, device="cuda", seed=0)).n_gpu == 2  # unchecked
+        args = trainer_config(cls, **training_arguments(section, work_dir=tmp_path, device="cuda", seed=0))
+        assert args.n_gpu == 1
+        assert args.train_batch_size == section.micro_batch_size
+
+
+def test_a_separate_reference_is_let_go_before_training(tiny_model, tmp_path, monkeypatch):
+    """Its log-probabilities are computed when the trainer is built: keeping it would hold a second fp32 copy of the
+    weights through the stage."""
+    import gc
+    import shutil
+    import weakref
+
+    from trl import DPOTrainer
+
+    from srlm import models
+
+    loaded, load = [], models.load_model  # weak references to each model loaded: the policy, then the reference
+
+    def load_weakly_held(*args, **kwargs):
+        model = load(*args, **kwargs)
+        loaded.append(weakref.ref(model))
+        return model
+
+    alive_when_training, train = [], DPOTrainer.train
+
+    def spy(self, *args, **kwargs):
+        gc.collect()
+        alive_when_training.append([ref() is not None for ref in loaded])
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(models, "load_model", load_weakly_held)
+    monkeypatch.setattr(DPOTrainer, "train", spy)
+    shutil.copytree(tiny_model, tmp_path / "M1")
+    pairs = [Pair(id="p", prompt_id="q", prompt="Name a colour.", chosen_id="c", rejected_id="r", chosen="Blue.",
+                  rejected="Colours are many.", chosen_score=4, rejected_score=1)]
+    out = train_dpo(tiny_model, pairs, tmp_path / "M2", tiny_config(tiny_model, "dpo.epochs=1", "dpo.save_steps=100"),
+                    reference_path=tmp_path / "M1")
+    assert alive_when_training == [[True, False]]  # the policy trains; the reference is gone
+    assert (out / "config.json").exists()

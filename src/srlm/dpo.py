@@ -2,10 +2,12 @@
 
 The reference model is M(t) (the paper) or, with `dpo.reference: m1`, a fixed M1. Reference
 log-probabilities are computed once before training (they never change), not at every step; the M(t) reference
-is the policy's own starting weights, while an M1 reference stays loaded for the stage (TRL keeps it). Resumable from the last Trainer checkpoint in `<out>.work/`.
+is the policy's own starting weights, and an M1 reference is let go once they are computed. Resumable from the last
+Trainer checkpoint in `<out>.work/`.
 """
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,6 +26,22 @@ def dpo_rows(pairs: Sequence[Pair]) -> list[dict]:
     ]
 
 
+def _drop_reference(trainer) -> None:
+    """Let go of a separate reference model once TRL has computed its log-probabilities (in its constructor): TRL
+    and accelerate keep it for the stage otherwise, a second copy of the weights in fp32 beside the policy's."""
+    import gc
+
+    reference, trainer.ref_model = trainer.ref_model, None
+    models = getattr(trainer.accelerator, "_models", None)
+    if isinstance(models, list):
+        models[:] = [m for m in models if m is not reference]
+    del reference
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 @tensor_stage
 def train_dpo(
     model_path: Path | str,
@@ -38,7 +56,14 @@ def train_dpo(
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, training_arguments
+    from .training import (
+        TRAINING_DTYPE,
+        finish,
+        last_checkpoint,
+        scored_positions_only,
+        trainer_config,
+        training_arguments,
+    )
 
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
@@ -49,8 +74,8 @@ def train_dpo(
     ref_model = None
     if reference_path is not None and Path(reference_path) != Path(model_path):
         ref_model = load_model(reference_path, config.model, device, dtype=TRAINING_DTYPE).eval()
-    args = DPOConfig(
-        **training_arguments(config.dpo, work_dir=work_dir, device=device, seed=config.seed),
+    args = trainer_config(
+        DPOConfig, **training_arguments(config.dpo, work_dir=work_dir, device=device, seed=config.seed),
         beta=config.dpo.beta,
         precompute_ref_log_probs=True,
         disable_dropout=config.dpo.dropout == 0,
@@ -58,5 +83,8 @@ def train_dpo(
     with scored_positions_only():  # the reference log-probabilities too, when TRL computes them at construction
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
                              train_dataset=Dataset.from_list(dpo_rows(pairs)), processing_class=tokenizer)
+        if ref_model is not None:
+            ref_model = None
+            _drop_reference(trainer)
         trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
     return finish(trainer, tokenizer, out_dir, work_dir)

@@ -126,7 +126,15 @@ def resolve(model: ModelConfig) -> Path | str:
     if model.name_or_path == EMBEDDED_MODEL:
         target = embedded_cache()
         if not (target / "config.json").exists():
-            convert_gguf(embedded_gguf_path(), target)
+            # One conversion at a time: processes that start together on a new machine (`accelerate launch`'s
+            # ranks, two runs) share the cache and its `.saving` directory. Who waits finds the model there.
+            import fcntl
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(target.with_name(target.name + ".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not (target / "config.json").exists():
+                    convert_gguf(embedded_gguf_path(), target)
         return target
     return _local_or_hub(model)
 
@@ -148,9 +156,13 @@ def pick_device(device: str) -> str:
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise ModelError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        # Under `accelerate launch` each process is one GPU; until the Trainer's config sets it, "cuda" is GPU 0,
+        # where every process would load its model first.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     return device
 
 

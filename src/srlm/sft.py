@@ -60,7 +60,14 @@ def train_sft(
     from trl import SFTConfig, SFTTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, training_arguments
+    from .training import (
+        TRAINING_DTYPE,
+        finish,
+        last_checkpoint,
+        scored_positions_only,
+        trainer_config,
+        training_arguments,
+    )
 
     device = pick_device(config.device)
     rows = sft_rows(ift, eft, template, config.seed)
@@ -75,7 +82,7 @@ def train_sft(
     if padding_free:
         # TRL refuses padding_free with a max_length it cannot enforce; drop_overlong has enforced it already.
         arguments["max_length"] = None
-    args = SFTConfig(**arguments, completion_only_loss=True, padding_free=padding_free)
+    args = trainer_config(SFTConfig, **arguments, completion_only_loss=True, padding_free=padding_free)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     with scored_positions_only():
         trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))
