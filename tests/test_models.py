@@ -252,11 +252,30 @@ def test_processes_that_start_together_convert_the_embedded_model_once(monkeypat
 def test_under_accelerate_launch_each_process_takes_its_own_gpu_before_loading(monkeypatch):
     import torch
 
-    chosen = []
+    chosen, visible = [], [8]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible[0])
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert models.pick_device("auto") == "cuda"
     assert chosen == [3]
+    visible[0] = 1  # a launcher that shows each process its own GPU alone
+    assert models.pick_device("cuda") == "cuda" and chosen == [3, 0]
     monkeypatch.delenv("LOCAL_RANK")
-    assert models.pick_device("cuda") == "cuda" and chosen == [3]
+    assert models.pick_device("cuda") == "cuda" and chosen == [3, 0]
+
+
+def test_a_cache_on_a_file_system_without_locks_still_converts(monkeypatch, tmp_path):
+    import fcntl
+
+    from srlm.config import ModelConfig
+
+    def unsupported(*args):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setenv("SRLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "embedded_gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(models, "convert_gguf", lambda gguf, target: target.mkdir(parents=True)
+                        or (target / "config.json").write_text("{}"))
+    monkeypatch.setattr(fcntl, "flock", unsupported)
+    assert models.resolve(ModelConfig()) == models.embedded_cache()

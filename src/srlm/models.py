@@ -132,7 +132,10 @@ def resolve(model: ModelConfig) -> Path | str:
 
             target.parent.mkdir(parents=True, exist_ok=True)
             with open(target.with_name(target.name + ".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX)
+                except OSError:
+                    pass  # a file system without locks (NFS without lockd, Lustre's noflock): convert unguarded
                 if not (target / "config.json").exists():
                     convert_gguf(embedded_gguf_path(), target)
         return target
@@ -161,8 +164,9 @@ def pick_device(device: str) -> str:
         raise ModelError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         # Under `accelerate launch` each process is one GPU; until the Trainer's config sets it, "cuda" is GPU 0,
-        # where every process would load its model first.
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        # where every process would load its model first. Modulo as accelerate does it: a launcher that shows each
+        # process its own GPU alone (CUDA_VISIBLE_DEVICES per rank) still sets LOCAL_RANK.
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
     return device
 
 
