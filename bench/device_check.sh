@@ -41,7 +41,14 @@ if ! "$PY" -c "import trl, pydantic, datasets" 2>/dev/null; then
         .device/whl/*.whl || exit 1
     export PYTHONPATH="$PYTHONPATH:/tmp/srlm-site"
 fi
-failed=()
+ALL_PARTS="machine tests loop profile bench"
+for name in ${PARTS:-}; do
+    if [[ " $ALL_PARTS " != *" $name "* ]]; then
+        echo "PARTS: no part named '$name'; the parts are: $ALL_PARTS" >&2
+        exit 2
+    fi
+done
+failed=() ran=()
 part() {  # part NAME COMMAND...: run one check (if PARTS names it, or PARTS is unset), log it to $OUT/NAME.log
     local name=$1; shift
     if [ -n "${PARTS:-}" ] && [[ " $PARTS " != *" $name "* ]]; then
@@ -50,7 +57,12 @@ part() {  # part NAME COMMAND...: run one check (if PARTS names it, or PARTS is 
     echo "== $name: $*"
     "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
-    [ "$rc" -eq 0 ] || failed+=("$name (exit $rc)")
+    ran+=("$name")
+    if [ "$rc" -eq 124 ] && [ "$name" = bench ]; then
+        failed+=("bench (stopped at BENCH_TIMEOUT=${BENCH_TIMEOUT:-}; the sections it finished are in $OUT)")
+    elif [ "$rc" -ne 0 ]; then
+        failed+=("$name (exit $rc)")
+    fi
 }
 
 part machine sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true; \
@@ -63,11 +75,14 @@ part loop env SRLM_TEST_DEVICE="$DEVICE" "$PY" -m pytest -q -p no:cacheprovider 
 part profile "$PY" bench/profile_decode.py --device "$DEVICE" --model .device/model --random-weights \
     --steps "${PROFILE_STEPS:-16}"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of arguments
-part bench timeout "${BENCH_TIMEOUT:-0}" "$PY" bench/speed.py --device "$DEVICE" --model .device/model --random-weights --no-naive-judge \
+part bench ${BENCH_TIMEOUT:+timeout "$BENCH_TIMEOUT"} "$PY" bench/speed.py --device "$DEVICE" --model .device/model --random-weights --no-naive-judge \
     --out "$OUT/speed-$DEVICE.json" ${BENCH_ARGS:-}
 
 if [ ${#failed[@]} -gt 0 ]; then
-    echo "failed: ${failed[*]}"
+    printf 'failed: %s\n' "${failed[@]}"
     exit 1
 fi
-echo "all device checks passed; figures in $OUT/speed-$DEVICE.json"
+echo "passed: ${ran[*]}"
+if [[ " ${ran[*]} " == *" bench "* ]]; then
+    echo "figures in $OUT/speed-$DEVICE.json"
+fi

@@ -1,8 +1,8 @@
 """Where a decoding step of srlm's hf backend spends its time, per dtype and batch size. Not a test.
 
 On a lent H200 (2026-12-04, random weights of the embedded model's shape) a step took about 29 ms in fp32 at batch
-16 (transformers' own `generate`: 26 ms) and about 82 ms in bf16 at batch 64, where the GPU's work is a fraction of a
-millisecond: the time goes somewhere on the host. This script times steps with and without sampling (greedy vs
+16 (transformers' own `generate`: 26 ms) and about 83 ms in bf16 at batch 64, where the GPU's own work should be
+about a millisecond (an estimate): the time goes somewhere on the host. This script times steps with and without sampling (greedy vs
 temperature and top-p) for each setting, then prints torch.profiler's busiest operators for one setting, so that the
 next lease can say which.
 
