@@ -104,8 +104,12 @@ def kill_and_resume(out: Path, sets: list[str], order: list[str], seconds: dict[
             while proc.poll() is None and target not in started and target not in stages_done(out):
                 time.sleep(0.005)
             if target in started:
-                wait = started[target] + rng.uniform(0.0, max(seconds.get(target, 0.0), 0.05)) - time.monotonic()
-                time.sleep(max(wait, 0.0))
+                # Kill at the drawn moment, or as soon as the stage is done if it runs faster than it did in the
+                # reference run (one timed on a busier machine): the kill then lands just after it, never after the
+                # whole run has ended.
+                deadline = started[target] + rng.uniform(0.0, max(seconds.get(target, 0.0), 0.05))
+                while time.monotonic() < deadline and proc.poll() is None and target not in stages_done(out):
+                    time.sleep(0.005)
         if target is not None and proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait()

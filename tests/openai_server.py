@@ -89,14 +89,17 @@ class OpenAIServer:
             delay = self.delay_s(body) if callable(self.delay_s) else self.delay_s
             time.sleep(delay)
             if handler.path not in ROUTES:
-                self._send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+                status, reply = 404, {"error": {"message": f"no route {handler.path}"}}
             elif failure is not None:
-                self._send(handler, failure, {"error": {"message": MESSAGES.get(failure, f"injected {failure}")}})
+                status, reply = failure, {"error": {"message": MESSAGES.get(failure, f"injected {failure}")}}
             else:
-                self._send(handler, 200, self._complete(handler.path, body))
+                status, reply = 200, self._complete(handler.path, body)
         finally:
+            # Out of flight before the reply goes: once the client has it, it may send its next request, which
+            # another server thread can count before this one would have stepped down (3 in flight under 2).
             with self._state:
                 self._in_flight -= 1
+        self._send(handler, status, reply)
 
     def _complete(self, path: str, body: dict) -> dict:
         chat = path.endswith("/chat/completions")

@@ -1,5 +1,6 @@
 """The whole loop on a tiny random model: artifacts, summary, and resume after a crash mid-stage."""
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -10,6 +11,11 @@ from conftest import tiny_config, tiny_overrides
 from srlm.backends import HFGenerator
 from srlm.loop import run
 from srlm.records import Candidate, Judgment, Pair, Prompt, read_jsonl
+
+# Record for record across runs is a CPU's guarantee (README, "Resuming"): on a GPU, training kernels are not
+# deterministic unless asked to be, and a retrained model may sample another token.
+cpu_only_equality = pytest.mark.skipif(os.environ.get("SRLM_TEST_DEVICE", "cpu") != "cpu",
+                                       reason="runs match record for record on a CPU only")
 
 STAGE_FILES = ["prompts.jsonl", "prompts_attempts.jsonl", "candidates.jsonl", "judgments.jsonl", "pairs.jsonl"]
 
@@ -62,12 +68,14 @@ def test_run_leaves_every_artifact_linked_by_ids(reference_run):
     assert not list(root.rglob("*.partial")) and not list(root.rglob("*.work"))
 
 
+@cpu_only_equality
 def test_same_seed_same_artifacts(reference_run, tmp_path):
     root, _, config = reference_run
     run(config, tmp_path / "again")
     assert artifacts(tmp_path / "again") == artifacts(root)
 
 
+@cpu_only_equality
 def test_resume_after_a_crash_mid_judging_matches_an_uninterrupted_run(reference_run, tmp_path, monkeypatch):
     root, _, config = reference_run
     calls = {"n": 0}
@@ -90,6 +98,7 @@ def test_resume_after_a_crash_mid_judging_matches_an_uninterrupted_run(reference
     assert artifacts(tmp_path / "run") == artifacts(root)
 
 
+@cpu_only_equality
 def test_crash_harness_short(reference_run, tmp_path, tiny_model):
     """bench/crash_harness.py, three kills (in SFT, judging and the last DPO): the resumed run is the reference."""
     import importlib.util
@@ -107,9 +116,9 @@ def test_crash_harness_short(reference_run, tmp_path, tiny_model):
     out = tmp_path / "killed"
     hit = harness.kill_and_resume(out, sets, order, seconds, ["sft", "iter_1.judgments", "iter_2.dpo"],
                                   random.Random(0), log=lambda _: None)
-    # A stage that runs faster than it did in the reference (the in-process run of a busy suite) may end before its
-    # kill, so only one kill is sure to land; what matters is that the resumed run is the uninterrupted one.
-    assert sum(hit.values()) >= 1 and set(hit) <= set(order)
+    # A stage that runs faster than it did in the reference (timed on a busier machine) is killed just after it ends;
+    # the last kill may then find the run over. What matters is that the resumed run is the uninterrupted one.
+    assert sum(hit.values()) >= 2 and set(hit) <= set(order)
     assert artifacts(out) == artifacts(root)
     assert harness.compare(root, out)  # no duplicates, no leftovers, M1..M3 load
     assert "AIFT(M1)" in subprocess.run(harness.srlm("report", str(out)), capture_output=True, text=True).stdout
