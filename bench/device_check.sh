@@ -22,8 +22,8 @@
 # model's rarely does). Each part runs even if one before it failed; the exit status says whether all passed.
 #
 # On an H200 (bench/README.md, run G1) the whole of it takes longer than one call may (10 minutes): the backend tests
-# about 1 minute, the bench's generation and judging about 4.5, each of its ten training rows about 40 s, most of it
-# starting a process. A 15-minute lease (the machine's start included) fits most of it in two calls, for instance
+# about 1 minute, the bench's generation and judging about 4.5, each of its training rows about 40 s (most of it
+# starting a process; on a GPU it runs two per stage, fp32 and the default). A 15-minute lease (the machine's start included) fits most of it in two calls, for instance
 #     PARTS="machine tests loop profile bench" BENCH_ARGS="--judge-candidates 96 --skip sft dpo" BENCH_TIMEOUT=360
 #     PARTS="bench" BENCH_ARGS="--skip generation judging --sft-examples 32 --dpo-pairs 32" BENCH_TIMEOUT=<what is left>
 # the second run at once, while the machine is still warm (it goes back after 30 s idle).
