@@ -242,7 +242,7 @@ def test_one_process_trains_on_one_gpu_whatever_it_sees(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     for cls, section in ((SFTConfig, RunConfig().sft), (DPOConfig, RunConfig().dpo)):
         assert cls(**training_arguments(section, work_dir=tmp_path, device="cuda", seed=0)).n_gpu == 2  # unchecked
-        args = trainer_config(cls, **training_arguments(section, work_dir=tmp_path, device="cuda", seed=0))
+        args = trainer_config(cls, section, work_dir=tmp_path, device="cuda", seed=0)
         assert args.n_gpu == 1
         assert args.train_batch_size == section.micro_batch_size
 

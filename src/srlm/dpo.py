@@ -56,14 +56,7 @@ def train_dpo(
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import (
-        TRAINING_DTYPE,
-        finish,
-        last_checkpoint,
-        scored_positions_only,
-        trainer_config,
-        training_arguments,
-    )
+    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, trainer_config
 
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
@@ -74,12 +67,8 @@ def train_dpo(
     ref_model = None
     if reference_path is not None and Path(reference_path) != Path(model_path):
         ref_model = load_model(reference_path, config.model, device, dtype=TRAINING_DTYPE).eval()
-    args = trainer_config(
-        DPOConfig, **training_arguments(config.dpo, work_dir=work_dir, device=device, seed=config.seed),
-        beta=config.dpo.beta,
-        precompute_ref_log_probs=True,
-        disable_dropout=config.dpo.dropout == 0,
-    )
+    args = trainer_config(DPOConfig, config.dpo, work_dir=work_dir, device=device, seed=config.seed,
+                          beta=config.dpo.beta, precompute_ref_log_probs=True, disable_dropout=config.dpo.dropout == 0)
     with scored_positions_only():  # the reference log-probabilities too, when TRL computes them at construction
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
                              train_dataset=Dataset.from_list(dpo_rows(pairs)), processing_class=tokenizer)

@@ -60,14 +60,7 @@ def train_sft(
     from trl import SFTConfig, SFTTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import (
-        TRAINING_DTYPE,
-        finish,
-        last_checkpoint,
-        scored_positions_only,
-        trainer_config,
-        training_arguments,
-    )
+    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, trainer_config
 
     device = pick_device(config.device)
     rows = sft_rows(ift, eft, template, config.seed)
@@ -78,11 +71,10 @@ def train_sft(
     padding_free = config.sft.padding_free
     if padding_free == "auto":
         padding_free = model.config._attn_implementation.startswith("flash_attention")
-    arguments = training_arguments(config.sft, work_dir=work_dir, device=device, seed=config.seed)
-    if padding_free:
-        # TRL refuses padding_free with a max_length it cannot enforce; drop_overlong has enforced it already.
-        arguments["max_length"] = None
-    args = trainer_config(SFTConfig, **arguments, completion_only_loss=True, padding_free=padding_free)
+    # TRL refuses padding_free with a max_length it cannot enforce; drop_overlong has enforced it already.
+    unbounded = {"max_length": None} if padding_free else {}
+    args = trainer_config(SFTConfig, config.sft, work_dir=work_dir, device=device, seed=config.seed,
+                          completion_only_loss=True, padding_free=padding_free, **unbounded)
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     with scored_positions_only():
         trainer.train(resume_from_checkpoint=last_checkpoint(work_dir))

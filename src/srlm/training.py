@@ -19,13 +19,14 @@ from pathlib import Path
 TRAINING_DTYPE = "float32"
 
 
-def trainer_config(cls, **kwargs):
-    """`cls(**kwargs)` (TRL's SFTConfig or DPOConfig) for one process on one device.
+def trainer_config(cls, section, *, work_dir: Path, device: str, seed: int, **overrides):
+    """TRL's `cls` (SFTConfig or DPOConfig) from an `sft` or `dpo` config section (`training_arguments`) and
+    `overrides`, for one process on one device.
 
     Launched without `accelerate launch` on a machine with several GPUs, transformers would wrap the model in
     nn.DataParallel over all of them, which TRL refuses (and which would multiply the batch): train on the one the
     model was loaded on, as transformers itself does for a model spread over devices."""
-    args = cls(**kwargs)
+    args = cls(**{**training_arguments(section, work_dir=work_dir, device=device, seed=seed), **overrides})
     if args.n_gpu > 1:
         args._n_gpu = 1
     return args
