@@ -50,16 +50,21 @@ def keep_freed_memory() -> bool:
 
 def release_freed_memory() -> None:
     """Give the free memory malloc holds back to the kernel (glibc's malloc_trim), where keep_freed_memory() is on,
-    and the GPU memory PyTorch's allocator caches back to the driver, where this process has used a GPU."""
-    torch = sys.modules.get("torch")
-    on_gpu = torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized()
-    if _tuned or on_gpu:
-        gc.collect()  # the Trainer's reference cycles hold the model and optimizer state until collected
+    and the GPU memory PyTorch's allocator caches back to the driver (`release_gpu_memory`)."""
     if _tuned:
+        gc.collect()  # the Trainer's reference cycles hold the model and optimizer state until collected
         ctypes.CDLL(None).malloc_trim(0)
-    if on_gpu:
-        # A training stage's peak (activations, gradients, optimizer state) would otherwise stay reserved from
-        # the driver through the stages after it: a vLLM engine sizes its KV cache from the GPU's free memory.
+    # A training stage's peak (activations, gradients, optimizer state) would otherwise stay reserved from the
+    # driver through the stages after it: a vLLM engine sizes its KV cache from the GPU's free memory.
+    release_gpu_memory()
+
+
+def release_gpu_memory() -> None:
+    """Hand the GPU memory PyTorch's allocator caches unused back to the driver, once what is unreachable is
+    collected, where this process has used a GPU."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
         torch.cuda.empty_cache()
 
 

@@ -7,11 +7,10 @@ Trainer checkpoint in `<out>.work/`.
 """
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .allocator import tensor_stage
+from .allocator import release_gpu_memory, tensor_stage
 from .records import Pair
 
 
@@ -37,9 +36,7 @@ def _drop_reference(trainer) -> None:
         models[:] = [m for m in models if m is not reference]
     del reference
     gc.collect()
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
+    release_gpu_memory()
 
 
 @tensor_stage
