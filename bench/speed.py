@@ -36,14 +36,10 @@ import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
+from srlm.allocator import torch_on_gpu
+
 HERE = Path(__file__).resolve().parent
 SAMPLING = dict(temperature=0.7, top_p=0.9)
-
-
-def _cuda():
-    """torch, where this process has started CUDA; else None."""
-    torch = sys.modules.get("torch")
-    return torch if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
 
 
 class PeakRSS:
@@ -52,7 +48,7 @@ class PeakRSS:
 
     def __enter__(self):
         self.peak, self.gpu_peak, self._stop = 0, None, threading.Event()
-        if torch := _cuda():
+        if torch := torch_on_gpu():
             torch.cuda.reset_peak_memory_stats()
         self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
@@ -69,7 +65,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        if torch := _cuda():
+        if torch := torch_on_gpu():
             self.gpu_peak = torch.cuda.max_memory_allocated()
 
     @property

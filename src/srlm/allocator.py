@@ -59,11 +59,16 @@ def release_freed_memory() -> None:
     release_gpu_memory()
 
 
+def torch_on_gpu():
+    """torch, where this process has imported it and started CUDA; else None (nothing is imported or started)."""
+    torch = sys.modules.get("torch")
+    return torch if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
 def release_gpu_memory() -> None:
     """Hand the GPU memory PyTorch's allocator caches unused back to the driver, once what is unreachable is
     collected, where this process has used a GPU."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch := torch_on_gpu():
         gc.collect()
         torch.cuda.empty_cache()
 
