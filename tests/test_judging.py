@@ -38,6 +38,16 @@ PARSED = [
     ("Score: 1 + 1 + 1 = **3**", 3.0),
     # A score followed by a remark with a number is not a choice of two.
     ("Score: 3, 2 points were deducted for length.", 3.0),
+    # The prompt's "Score: <total points>" filled in, brackets and all.
+    ("Score: <4>", 4.0),
+    ("Score: [2]", 2.0),
+    ("**Score:** (5)", 5.0),
+    # Scores of parts are not the verdict, before it or after it.
+    ("Relevance score: 1\nUsefulness score: 1\nScore: 2", 2.0),
+    ("Score: 4\n(criterion 5 score: 0)", 4.0),
+    ("- Point 1 (relevance) score: 1\n**Total score:** 3", 3.0),
+    ("Therefore, Score: 3", 3.0),
+    ("It is accurate. Score: 4\nScore: 4", 4.0),
 ]
 
 FAILED = [
@@ -63,6 +73,12 @@ FAILED = [
     ("**Score: 2, 3**", "not one score (2, 3)"),
     # "score" inside another word is no score.
     ("The underscore: 1 is a character.", "no 'Score: N' found"),
+    ("Score: <4", "no 'Score: N' found"),  # an unclosed bracket is no verdict
+    # Scores of parts with no verdict: the last of them is not the total.
+    ("Relevance score: 1\nExpert score: 0\nTotal: 4", "scores of parts only, no verdict 'Score: N' (Relevance score: 1)"),
+    # Verdicts that disagree: the judge went on past its conclusion (a made-up next turn, a comparison).
+    ("Score: 4\n\nUser: What is 2+2?\n<response>4</response>\nScore: 2", "verdicts that disagree (4, then 2)"),
+    ("Score: 4\n\nFor comparison, an unhelpful answer would get a score: 1.", "verdicts that disagree (4, then 1)"),
 ]
 
 
@@ -123,13 +139,20 @@ def test_a_template_with_brace_slots_is_read_like_the_paper_copy_in_oasst2_srlm(
     ("Using the additive 5-point scoring system, ...", True),
     ("The match score was 3-1 to the home side.", False),
     ("My credit score: 720, and yours?", False),
-    ("Quiz score: 3.5 of 5", True),
-    # Whatever the judge's parser would read as a score is flagged: markdown, "=", words, a leading zero.
+    # A verdict the judge's parser would read is flagged: markdown, words, a leading zero.
     ("**Score:** 5", True),
-    ("Score = 5", True),
     ("Score: five", True),
     ("Score: 05", True),
     ("Here are five tips for better sleep.", False),
+    ("Answer first.\nFinal score: 3", True),
+    # What answers about games, exams and code say is not judge text.
+    ("Quiz score: 3.5 of 5", False),
+    ("You need a score of 5 or higher on the AP exam.", False),
+    ("def play():\n    score = 0\n    return score", False),
+    ("self.score = 0", False),
+    ("Score = 5", False),
+    ("```python\nprint('Score: 5')\n```", False),
+    ("Set `score: 5` in the config.", False),
 ])
 def test_judge_format_text_in_a_response_is_flagged(text, flagged):
     assert contains_judge_text(text) is flagged

@@ -41,12 +41,20 @@ def test_all_failed_and_single_valid_drop_the_prompt():
 
 
 def test_a_prompt_lost_to_flagged_candidates_is_counted_as_such_not_as_a_judge_failure():
-    sel = select_pairs(*make({0: [5], 1: [3], 2: [1]}, flagged={0, 2}))
+    sel = select_pairs(*make({0: [5], 1: [3], 2: [3]}, flagged={0}))  # only the flagged one beat the rest
     assert sel.pairs == [] and sel.dropped == {TOO_FEW_UNFLAGGED: 1}
-    sel = select_pairs(*make({0: [5], 1: [None], 2: [1]}, flagged={0}))  # two judged, one of them flagged
+    sel = select_pairs(*make({0: [5], 1: [None], 2: [1]}, flagged={0, 2}))  # two judged, both flagged
     assert sel.dropped == {TOO_FEW_UNFLAGGED: 1}
     sel = select_pairs(*make({0: [5], 1: [None], 2: [None]}, flagged={0}))  # the judge left one scored: its loss
     assert sel.dropped == {TOO_FEW_JUDGED: 1}
+    sel = select_pairs(*make({0: [3], 1: [3]}, flagged={0}))  # a tie is a tie, flagged or not
+    assert sel.dropped == {TIE: 1}
+
+
+def test_a_flagged_candidate_is_never_chosen_but_can_be_rejected():
+    # PAPER.md §7: the hack is winning by writing "Score: 5"; a flagged response that lost is a fair negative.
+    (pair,) = select_pairs(*make({0: [5], 1: [3], 2: [1]}, flagged={0, 2})).pairs
+    assert (pair.chosen_id, pair.rejected_id) == ("p-c1", "p-c2")
 
 
 def test_flagged_candidates_are_excluded_unless_allowed():

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import InputError, SrlmError
 from .evaluation import RankedReply, as_stage_records
-from .judging import SCORE_PATTERN, judge
+from .judging import judge, verdicts
 from .pairs import candidate_scores
 from .records import EFTExample, IFTExample, Judgment, Prompt, Record, describe_error, parse_line
 from .validate import MAX_SCORE_SHARE, normalise
@@ -586,7 +586,7 @@ _SCORE_LEAD = re.compile(r"[\s*_#:=-]*(?:\b(?:total|final|overall)\b[ \t*_#:=-]*
 
 def eft_judgment(text: str, score: int) -> str:
     """The judge's text ending in exactly `Score: N`: what follows the last score, and its markup, are cut."""
-    match = list(SCORE_PATTERN.finditer(text))[-1]
+    match = verdicts(text)[-1]
     body = _SCORE_LEAD.sub("", text[: match.start()])
     return f"{body}\nScore: {score}" if body else f"Score: {score}"
 

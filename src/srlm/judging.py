@@ -50,6 +50,12 @@ systematically attribute points based on the outlined criteria."""
 MAX_SCORE = 5.0
 
 
+def score_bin(score: float) -> str:
+    """The whole score 0-5 a score counts as in a histogram: the nearest, halves up (a 4.5 counts as a 5; an
+    `expected` judge's 2.78 as a 3), so every histogram has the same six bins, whatever the judge mode."""
+    return str(min(int(MAX_SCORE), int(score + 0.5)))
+
+
 def read_template(path: Path, slots: Sequence[str], what: str, where: str) -> str:
     """A user's judge prompt, refused (ConfigError) unless readable and holding every slot: `what` names the
     prompt, `where` what the slots are for, in the message."""
@@ -105,11 +111,12 @@ def judge_request(template: str, prompt: str, response: str) -> list[dict]:
 
 _NUMBER_WORDS = {"zero": 0, "one": 1, "two": 2, "three": 3, "four": 4, "five": 5}
 _NUMBER = r"(?:\d+(?:\.\d+)?|zero|one|two|three|four|five)\b"
-# "Score: 4", "**Score:** 4", "score = 4.5", "Score: 4/5", "Total score: 3 points", "Score: four"; not "subscore: 1".
+# "Score: 4", "**Score:** 4", "score = 4.5", "Score: 4/5", "Total score: 3 points", "Score: four", "Score: <4>" (the
+# prompt's own "Score: <total points>" filled in); not "subscore: 1".
 # A range or a choice ("Score: 3-4", "3 or 4", "4,5", "2, 3") is matched whole, to be refused: it is not one score.
 # The additive rubric invites a sum ("Score: 1 + 1 + 1 = 3"): its total is the score, read only if it is the sum.
 SCORE_PATTERN = re.compile(
-    rf"\bscore[*_\s]*[:=][*_\s]*(?P<value>{_NUMBER})"
+    rf"\bscore[*_\s]*[:=][*_\s]*(?P<open>[<\[(])?(?P<value>{_NUMBER})(?(open)[>\])])"
     rf"(?:(?P<sum>(?:\s*\+\s*{_NUMBER})+)(?:[*_\s]*=[*_\s]*(?P<total>{_NUMBER}))?)?"
     # "2, 3" ends the line or sentence; "3, 2 points were deducted" is a score and a remark.
     rf"(?P<range>\s*(?:-|–|to\b|or\b)\s*{_NUMBER}|\s*,\s*{_NUMBER}(?=[*_\s]*(?:[.;)]|\n|\Z)))?"
@@ -122,19 +129,43 @@ def _number(word: str) -> float:
     return float(_NUMBER_WORDS.get(word.lower(), word))
 
 
+# What may stand before a verdict on its line: nothing but markup, the end of a sentence or clause, or a word that
+# makes it the whole's ("Total score: 3", "so the score: 4"). Any other word makes it the score of a part or an
+# aside ("Relevance score: 1", "(criterion 5) score: 0", "I first thought Score: 2"), which is not the verdict.
+_VERDICT_LEAD = re.compile(
+    r"(?:\A|[\n.!?:;,\"'*_#>-]|\b(?:total|final|overall|the|a|my|its|this)\b)[\s*_#>-]*\Z", re.IGNORECASE)
+
+
+def verdicts(text: str) -> list[re.Match]:
+    """Every "Score: N" in `text` that stands as a verdict (see `_VERDICT_LEAD`), in order."""
+    return [m for m in SCORE_PATTERN.finditer(text)
+            if _VERDICT_LEAD.search(text, max(0, text.rfind("\n", 0, m.start())), m.start())]
+
+
 def parse_score(text: str) -> tuple[float | None, str | None]:
     """The score a judgment concludes with, or (None, reason) when it has none that is valid.
 
-    The last "Score: N" wins (the prompt asks to conclude with it; earlier mentions are often quotes of the
-    rubric). A score out of another scale ("8/10") or out of [0, 5] is a failure, not rescaled or clipped:
-    the judge did not follow the rubric.
+    The last verdict "Score: N" counts (the prompt asks to conclude with it; the rubric's placeholder is no score).
+    Scores of parts ("Relevance score: 1") are not verdicts, and two verdicts that disagree make a failure, not a
+    choice between them: a judge that wrote "Score: 4" and went on to a made-up next turn ending "Score: 2" said
+    nothing this parser can trust. A score out of another scale ("8/10") or out of [0, 5] is a failure, not
+    rescaled or clipped: the judge did not follow the rubric.
     """
-    matches = list(SCORE_PATTERN.finditer(text))
-    if not matches:
-        if re.search(r"score\s*:\s*<", text, re.IGNORECASE):
+    found = verdicts(text)
+    if not found:
+        if SCORE_PATTERN.search(text):
+            part = SCORE_PATTERN.search(text)
+            line_start = text.rfind("\n", 0, part.start()) + 1
+            return None, f"scores of parts only, no verdict 'Score: N' ({text[line_start : part.end()].strip()[:60]})"
+        if re.search(r"score\s*:\s*<\s*total", text, re.IGNORECASE):
             return None, "placeholder copied from the prompt instead of a score"
         return None, "no 'Score: N' found"
-    return _read_score(matches[-1])
+    score, error = _read_score(found[-1])
+    if score is not None:
+        others = {v for v, _ in map(_read_score, found[:-1]) if v is not None and v != score}
+        if others:
+            return None, f"verdicts that disagree ({', '.join(f'{v:g}' for v in sorted(others))}, then {score:g})"
+    return score, error
 
 
 def _read_score(match: re.Match) -> tuple[float | None, str | None]:
@@ -185,14 +216,19 @@ def check_failure_rate(judgments: Sequence[Judgment], limit: float, where: Path,
             f"fix it; see {where} for what it wrote")
 
 
-# Text a judge could mistake for its own verdict (PAPER.md §7, reward hacking): a score the judge's own parser would
-# read (any "Score: N" with N in 0-5, "**Score:** 5", "Score = five"), or the rubric's words.
-_GAMING = re.compile(r"additive 5-point|bestow a fifth point|<total points>|\bscore of 5\b", re.IGNORECASE)
+# Text a judge could mistake for its own verdict (PAPER.md §7, reward hacking): a verdict its own parser would read
+# ("Score: 5", "**Score:** 5", "Score: five") outside code, or the rubric's words. Not every number called a score:
+# "self.score = 0" in code, "Quiz score: 3" or "an AP score of 5" are what answers about games and exams say.
+_GAMING = re.compile(r"additive 5-point|bestow a fifth point|<total points>|"
+                     r"\b(?:deserves?|earns?|merits?|warrants?)\s+(?:a\s+)?(?:score|rating)\s+of\s+[45]\b", re.IGNORECASE)
+_CODE = re.compile(r"```.*?(?:```|\Z)|`[^`\n]*`", re.DOTALL)
 
 
 def contains_judge_text(response: str) -> bool:
-    return bool(_GAMING.search(response)) or any(
-        _read_score(m)[0] is not None for m in SCORE_PATTERN.finditer(response))
+    prose = _CODE.sub("\n", response)
+    # "score = 0" is an assignment far more often than a verdict, so only "Score:" counts here.
+    return bool(_GAMING.search(prose)) or any(
+        _read_score(m)[0] is not None and ":" in m.group(0) for m in verdicts(prose))
 
 
 def judge_options(config) -> dict:

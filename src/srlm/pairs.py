@@ -14,7 +14,7 @@ from .records import Candidate, Judgment, Pair, Prompt
 
 TIE = "tie"
 TOO_FEW_JUDGED = "fewer than 2 candidates with a valid judgment"
-TOO_FEW_UNFLAGGED = "fewer than 2 judged candidates without judge-format text"
+TOO_FEW_UNFLAGGED = "only candidates with judge-format text scored above the lowest"
 # Two samples can be the same text, and the judge can still score them apart (sampled justifications, or the
 # rounding of a batch): such a pair would teach nothing and would count as a preference that is not one.
 SAME_TEXT = "best and worst candidates are the same text"
@@ -46,9 +46,10 @@ def select_pairs(
     """One pair per prompt: chosen = highest mean score, rejected = lowest; dropped on a tie (or when the two are
     the same text).
 
-    A candidate takes part only with at least one parsed judgment (a failure is not a score) and, with
-    `exclude_flagged`, only if it contains no judge-format text. Among equal top (or bottom) scores the
-    lowest candidate index wins, so selection is deterministic.
+    A candidate takes part only with at least one parsed judgment (a failure is not a score). With
+    `exclude_flagged`, one that contains judge-format text is never chosen (PAPER.md §7: a response can win by
+    writing "Score: 5" for the judge to read), but may be rejected: it lost anyway. Among equal top (or bottom)
+    scores the lowest candidate index wins, so selection is deterministic.
     """
     means = candidate_scores(judgments)
     by_prompt: dict[str, list[Candidate]] = defaultdict(list)
@@ -61,15 +62,14 @@ def select_pairs(
         if len(scored) < 2:
             selection.dropped[TOO_FEW_JUDGED] += 1
             continue
-        if exclude_flagged:
-            scored = [c for c in scored if not c.flagged]
-            if len(scored) < 2:  # lost to flagged candidates, not to the judge
-                selection.dropped[TOO_FEW_UNFLAGGED] += 1
-                continue
-        best = max(scored, key=lambda c: (means[c.id], -c.index))
         worst = min(scored, key=lambda c: (means[c.id], c.index))
-        if means[best.id] == means[worst.id]:
+        if all(means[c.id] == means[worst.id] for c in scored):
             selection.dropped[TIE] += 1
+            continue
+        eligible = [c for c in scored if not (exclude_flagged and c.flagged)]
+        best = max(eligible, key=lambda c: (means[c.id], -c.index), default=worst)
+        if means[best.id] == means[worst.id]:  # lost to flagged candidates, not to the judge
+            selection.dropped[TOO_FEW_UNFLAGGED] += 1
             continue
         if best.text.strip() == worst.text.strip():
             selection.dropped[SAME_TEXT] += 1
