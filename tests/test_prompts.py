@@ -19,6 +19,7 @@ EXISTING = ["Give me three tips for sleeping better.", "Explain how a rainbow fo
     (" ".join(["word"] * 21), "too long"),
     ("", "empty"),
     ("- list the planets in order", "starts with punctuation"),
+    ("请解释光合作用的过程", None),  # written without spaces: a word per character, not one word
 ])
 def test_self_instruct_filters(text, reason):
     assert filter_reason(text, EXISTING, **RULES) == reason
@@ -83,3 +84,35 @@ def test_a_resume_after_a_torn_batch_writes_what_an_uninterrupted_run_writes(tmp
     assert [p.text for p in resumed] == [p.text for p in whole]
     assert (tmp_path / "b" / "prompts_attempts.jsonl").read_text() == "".join(lines)
     assert [p.text for p in read_jsonl(tmp_path / "b" / "prompts.jsonl", type(whole[0]))] == [p.text for p in whole]
+
+
+@pytest.mark.parametrize("a,b", [
+    ("Объясни, как образуется радуга.", "Объясни, как образуется радуга после дождя."),
+    ("解释光合作用的过程", "请解释光合作用的过程"),
+    ("Explique cómo se forma un arcoíris.", "Explique cómo se forma el arcoíris."),
+])
+def test_near_duplicates_in_any_script_are_too_similar(a, b):
+    # rouge_score's own tokenizer keeps [a-z0-9] only: these pairs scored 0 and passed the filter.
+    assert rouge_l(a, b) > 0.7
+    assert filter_reason(b, [a], **RULES) == "too similar (ROUGE-L)"
+
+
+def test_english_scores_as_rouge_score_scores_them():
+    from rouge_score import rouge_scorer
+
+    plain = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for a, b in [("List three uses of vinegar.", "list 3 uses of baking-soda!"), *zip(EXISTING, EXISTING[::-1])]:
+        assert rouge_l(a, b) == pytest.approx(plain.score(a, b)["rougeL"].fmeasure)
+
+
+def test_prompts_of_earlier_iterations_are_not_written_again(tmp_path):
+    from srlm.prompts import generate_prompts
+
+    seed = [f"Write a poem about {w} and friends today" for w in EchoingWriter.WORDS]
+    options = dict(iteration=2, num_prompts=8, batch_size=8, seed=5, max_attempts=16)
+    first, _ = generate_prompts(EchoingWriter(), seed, tmp_path / "a" / "prompts.jsonl", **options)
+    again, attempts = generate_prompts(EchoingWriter(), seed, tmp_path / "b" / "prompts.jsonl",
+                                       earlier=[p.text for p in first], **options)
+    # The first batch asks what it asked before and gets the same texts: each is now a duplicate.
+    assert [a.reason for a in attempts[:len(first)]] == ["duplicate"] * len(first)
+    assert not {p.text for p in again} & {p.text for p in first}

@@ -189,12 +189,14 @@ def cmd_prompts(args) -> int:
 
     config = _load(args)
     pool = _seed_prompts(args.seed_prompts) if args.seed_prompts else [x.prompt for x in load_ift(config.data.ift)]
+    earlier = [text for path in args.earlier for text in _seed_prompts(path)]
     options = prompt_options(_ready(config, args.model), args.num)
     _pin_stage_output(args.out, "prompts", args.model, config, ["prompts"], few_shot_pool=pool,
-                      iteration=args.iteration, num_prompts=options["num_prompts"])
+                      iteration=args.iteration, num_prompts=options["num_prompts"],
+                      **({"earlier": earlier} if earlier else {}))
     with bar(options["num_prompts"], "prompts") as progress:
         prompts, attempts = generate_prompts(_generator(args, config), pool, args.out, iteration=args.iteration,
-                                             seed=config.seed, progress=progress, **options)
+                                             seed=config.seed, progress=progress, earlier=earlier, **options)
     print(f"{len(prompts)} prompts kept of {len(attempts)} generated -> {args.out}")
     return 0
 
@@ -521,6 +523,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--seed-prompts", type=Path, help="JSONL of IFT examples or prompts for the few-shot pool "
                                                      "(default: the IFT seed)")
+    p.add_argument("--earlier", type=Path, nargs="*", default=[], metavar="JSONL",
+                   help="prompts of earlier iterations: new ones too like them (ROUGE-L) are dropped, as by `srlm run`")
     p.add_argument("--num", type=int, help="prompts to keep (default: prompts.num_prompts)")
     p.add_argument("--iteration", type=int, default=1, help="iteration number, used in record ids")
     p.add_argument("--out", type=Path, required=True, help="prompts JSONL to write")
@@ -548,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", type=Path, required=True, help="prompts JSONL")
     p.add_argument("--candidates", type=Path, required=True, help="candidates JSONL (`srlm respond`'s output)")
     p.add_argument("--judgments", type=Path, required=True, help="judgments JSONL (`srlm judge`'s output)")
-    p.add_argument("--keep-flagged", action="store_true", help="let candidates with judge-format text into pairs")
+    p.add_argument("--keep-flagged", action="store_true", help="let candidates with judge-format text be chosen")
     p.add_argument("--out", type=Path, required=True, help="pairs JSONL to write")
     p.set_defaults(func=cmd_pairs)
 
@@ -634,7 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "Chatbot Arena's labels, or {prompt, chosen, rejected})")
     p.add_argument("--split", choices=["eval", "train", "all"], default="eval",
                    help="fixed split by prompt id (eval: sha256(prompt_id) %% 4 == 0)")
-    p.add_argument("--max-prompts", type=int, help="evaluate only the first N prompts of the split")
+    p.add_argument("--max-prompts", type=_positive_int, help="evaluate only the first N prompts of the split")
     p.add_argument("--out", type=Path, required=True, help="directory for judgments.jsonl and judge_agreement.json")
     _config_options(p)
     p.set_defaults(func=cmd_eval_judge)

@@ -118,7 +118,9 @@ class SFTConfig(Section):
     batch_size: int = Field(16, ge=1, description="Effective batch size (PAPER.md §4: 16).")
     micro_batch_size: int = Field(4, ge=1, description="Sequences per device step; the rest is gradient accumulation.")
     epochs: float = Field(1.0, gt=0, description="Passes over IFT+EFT (paper: unknown).")
-    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (PAPER.md §4: 0.1).")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (PAPER.md §4: 0.1), set on every "
+                           "dropout the model's config has: Llama-family models (SmolLM2, Llama, Qwen2, Mistral) have "
+                           "attention dropout only.")
     max_length: int = Field(2048, ge=16, description="Tokens per training sequence; longer ones are truncated.")
     bf16: bool | Literal["auto"] = _bf16_field()
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (resume point).")
@@ -140,7 +142,8 @@ class PromptsConfig(Section):
     top_p: float = Field(0.9, gt=0, le=1, description="PAPER.md §4.1: top-p 0.9.")
     max_new_tokens: int = Field(96, ge=1, description="Length cap of one generated prompt.")
     rouge_l_max: float = Field(0.7, ge=0, le=1, description="Drop a prompt whose ROUGE-L to any existing one is above this (Self-Instruct).")
-    min_words: int = Field(3, ge=1, description="Drop prompts shorter than this many words.")
+    min_words: int = Field(4, ge=1, description="Drop prompts shorter than this many words (Self-Instruct drops "
+                           "those of 3 or fewer).")
     max_words: int = Field(150, ge=1, description="Drop prompts longer than this many words.")
     blocked_keywords: list[str] = Field(
         default_factory=lambda: ["image", "picture", "photo", "graph", "file", "video", "draw", "plot", "diagram",
@@ -170,7 +173,8 @@ class JudgeConfig(Section):
         0.5, ge=0, le=1, description="Stop the run when more judgments than this fail to parse (PAPER.md §7)."
     )
     saturation_warning: float = Field(0.5, ge=0, le=1, description="Warn when this share of scores is the maximum (5).")
-    exclude_flagged: bool = Field(True, description="Keep candidates containing judge-format text out of pairs.")
+    exclude_flagged: bool = Field(
+        True, description="Never choose a candidate containing judge-format text (it may still be rejected).")
     mode: Literal["sample", "expected"] = Field(
         "sample", description="sample: k sampled justifications, parsed and averaged (PAPER.md §4.3, faithful). "
         "expected: one forward pass, the probability-weighted score 0-5 of the token after 'Score:' (fast; not "
@@ -193,7 +197,8 @@ class DPOConfig(Section):
     batch_size: int = Field(16, ge=1, description="Effective batch size (PAPER.md §4.5: 16).")
     micro_batch_size: int = Field(2, ge=1, description="Pairs per device step; the rest is gradient accumulation.")
     epochs: float = Field(1.0, gt=0, description="Passes over the pairs (paper: unknown).")
-    dropout: float = Field(0.1, ge=0, lt=1, description="PAPER.md §4.5: 0.1.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="PAPER.md §4.5: 0.1 (as sft.dropout: attention dropout "
+                           "only in Llama-family models).")
     reference: Literal["previous", "m1"] = Field(
         "previous", description="Reference model: M(t) as in the paper, or a fixed M1."
     )

@@ -185,9 +185,11 @@ class Run:
 
         def prompts_work():
             with _bar(cfg.prompts.num_prompts, f"iter {t} prompts") as bar:
+                earlier = [p.text for s in range(1, t)
+                           for p in read_jsonl(self.dir.iteration(s) / "prompts.jsonl", Prompt)]
                 prompts, attempts = generate_prompts(self._generator_for(model_t), seed_prompts,
                                                      folder / "prompts.jsonl", iteration=t, seed=seed, progress=bar,
-                                                     **prompt_options(cfg))
+                                                     earlier=earlier, **prompt_options(cfg))
             if not prompts:
                 raise JudgeIntegrityError(f"iteration {t}: every generated prompt was filtered out "
                                           f"({folder / 'prompts_attempts.jsonl'} says why)")

@@ -3,7 +3,7 @@
 Each call shows the model 8 example tasks (paper: 6 from the human seed, 2 written by the model in this
 iteration) and lets it continue the list with one more. The result passes the Self-Instruct filters:
 length bounds, a keyword filter for tasks a text model cannot do, and ROUGE-L similarity to every prompt
-already known (drop if > 0.7). Every attempt is recorded with its fate, so the summary can say how many
+already known, earlier iterations' included (drop if > 0.7). Every attempt is recorded with its fate, so the summary can say how many
 were generated, kept, and dropped for which reason.
 """
 from __future__ import annotations
@@ -41,11 +41,26 @@ def clean(text: str) -> str:
     return text.strip().strip('"').strip()
 
 
+# Letters of scripts written without spaces (Chinese, Japanese kana, Thai...) are a token each; any other run of
+# word characters is one, whatever its script.
+_UNSPACED = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]+")
+_WORD = re.compile(rf"[{_UNSPACED}]|[^\s{_UNSPACED}]+")  # what the length bounds count: split(), but for those
+
+
+class _Words:
+    """rouge_score's tokenizer keeps only [a-z0-9], so two prompts in Russian or Chinese score 0 however alike:
+    words of every script, lowercased."""
+
+    def tokenize(self, text: str) -> list[str]:
+        return _TOKEN.findall(text.lower())
+
+
 @lru_cache(maxsize=1)
 def _scorer():
     from rouge_score import rouge_scorer
 
-    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    return rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False, tokenizer=_Words())
 
 
 def rouge_l(a: str, b: str) -> float:
@@ -62,7 +77,7 @@ def filter_reason(
     rouge_l_max: float,
 ) -> str | None:
     """Why a generated prompt is dropped, or None to keep it (Self-Instruct's filters)."""
-    words = text.split()
+    words = _WORD.findall(text)
     if not words:
         return "empty"
     if len(words) < min_words:
@@ -131,10 +146,11 @@ def generate_prompts(
     temperature: float = 0.6,
     top_p: float = 0.9,
     max_new_tokens: int = 96,
-    min_words: int = 3,
+    min_words: int = 4,
     max_words: int = 150,
     blocked_keywords: Sequence[str] = (),
     rouge_l_max: float = 0.7,
+    earlier: Sequence[str] = (),
     max_attempts: int | None = None,
     batch_size: int = 16,
     seed: int = 0,
@@ -142,8 +158,9 @@ def generate_prompts(
 ) -> tuple[list[Prompt], list[PromptAttempt]]:
     """Write `num_prompts` new prompts to `out_path` (and every attempt to `<stem>_attempts.jsonl`).
 
-    Resumable per batch of attempts; stops early (with fewer prompts) after `max_attempts` generations,
-    since a weak model may produce mostly near-duplicates.
+    A new prompt must differ (ROUGE-L) from the seed prompts, from those kept so far, and from `earlier` (the
+    prompts of earlier iterations, which are no few-shot examples). Resumable per batch of attempts; stops early
+    (with fewer prompts) after `max_attempts` generations, since a weak model may produce mostly near-duplicates.
     """
     if not seed_prompts:
         raise ValueError("prompt generation needs at least one seed prompt for the few-shot examples")
@@ -152,7 +169,7 @@ def generate_prompts(
     max_attempts = max_attempts or num_prompts * 4
     batch_ids = lambda b: [f"it{iteration}-a{b * batch_size + i:06d}" for i in range(batch_size)]
     kept, batch_index = _replay(log, batch_ids, num_prompts)
-    known = list(seed_prompts) + kept
+    known = list(seed_prompts) + list(earlier) + kept
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                             stop=("\n",))
     if progress:
