@@ -132,6 +132,9 @@ def test_preference_pairs_chosen_is_better(tmp_path):
     ({"prompt": "Q", "response_a": "a", "response_b": "b", "winner": "C"}, ["pairs.jsonl:1: field 'winner'", "expected A, B or tie"]),
     ({"prompt": "Q", "response_a": "a", "winner": "A"}, ["pairs.jsonl:1: field 'response_b'", "missing"]),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, ["pairs.jsonl:1: field 'prompt'", "valid string"]),
+    # A number as `label` follows no one convention (0 = tie in AlpacaEval, often 0 = the first response elsewhere).
+    ({"prompt": "Q", "response_a": "a", "response_b": "b", "label": 0}, ["pairs.jsonl:1", "label 0", "winner: A, B"]),
+    ({"prompt": "Q", "response_a": "a", "response_b": "b", "label": "1"}, ["pairs.jsonl:1", "label '1'"]),
 ])
 def test_bad_pairwise_rows_name_line_and_field(tmp_path, row, fragments):
     from srlm.errors import InputError

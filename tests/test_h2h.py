@@ -32,6 +32,7 @@ from srlm.h2h import (
     parse_verdict,
     rates,
     render,
+    separated_by_length,
     side_outputs,
     summarize,
 )
@@ -142,11 +143,22 @@ def test_length_controlled_win_rate_saturated_model():
     assert length_controlled_win_rate(with_ties, diffs)[0] == pytest.approx(lc, abs=1e-9)
 
 
-def test_length_controlled_win_rate_when_the_judge_only_rewards_length():
-    # A wins exactly where it is longer (8 prompts) and loses where it is shorter (2): the slope runs off and
-    # the first-order conditions give 8 exp(-b0) = 2 exp(b0), so b0 = ln 2 and the LC win rate is 2/3 (raw 0.8).
-    lc, coef = length_controlled_win_rate([1] * 8 + [0] * 2, [10] * 8 + [-10] * 2)
-    assert lc == pytest.approx(2 / 3, abs=1e-3) and coef > 5
+def test_no_length_controlled_win_rate_when_length_alone_separates_wins_from_losses():
+    # A wins exactly where it is longer: the fit has no maximum, and what a penalised fit gives depends on the
+    # penalty and on where the gap lies (2/3 for +-10 words, 0.013 for the spread below), not on the judge.
+    assert length_controlled_win_rate([1] * 8 + [0] * 2, [10] * 8 + [-10] * 2) is None
+    rng = np.random.default_rng(1)
+    diffs = np.concatenate([rng.uniform(40, 200, 40), rng.uniform(-20, -2, 10)])
+    scores = (diffs > 0).astype(float)
+    assert separated_by_length(scores, diffs) and length_controlled_win_rate(scores, diffs) is None
+    assert separated_by_length(1 - scores, diffs)  # every win shorter: the same
+    assert not separated_by_length([1, 0, 1, 0], [5, 3, -1, -2])  # a loss longer than a win
+    assert not separated_by_length([1, 1, 1], [5, -3, 2])  # no loss to separate from
+    assert separated_by_length([1, 0.5, 0], [5, 1, -3])  # a tie in the gap: the fit's boundary sits on it
+    assert not separated_by_length([1, 0.5, 0], [5, 9, -3])  # a tie beyond a win bounds the slope
+    # Every resample of separated outcomes is separated: no interval either.
+    assert bootstrap_ci(lambda idx: (length_controlled_win_rate(scores[idx], diffs[idx]) or (None,))[0],
+                        len(scores), resamples=50) is None
 
 
 def test_length_controlled_win_rate_degenerate_cases():
@@ -192,7 +204,8 @@ def test_summarize_hand_computed():
     assert s["win_rate"] == 0.5
     assert (s["prompts"], s["judged_prompts"], s["excluded_prompts"]) == (5, 4, 1)
     assert (s["judgments"], s["parse_failures"], s["order_disagreements"]) == (10, 1, 1)
-    assert s["first_position_preference"] == pytest.approx(5 / 7)  # "A" in 1-ab, 2-ba, 3-ab, 3-ba, 5-ab of 7
+    # Over the judged prompts 1-4 only: "A" in 1-ab, 2-ba, 3-ab, 3-ba of 6 (5-ab is an excluded prompt's).
+    assert s["first_position_preference"] == pytest.approx(4 / 6)
     # Characters: A 13 + 3 + 3 + 1 + 7 = 27, B 3 + 13 + 3 + 3 + 1 = 23, over 5 prompts.
     assert s["length"] == {"a": {"mean_tokens": 2.2, "mean_words": 2.2, "mean_chars": 5.4, "truncated": 0},
                            "b": {"mean_tokens": 1.8, "mean_words": 1.8, "mean_chars": 4.6, "truncated": 0}}
@@ -396,12 +409,14 @@ def test_h2h_end_to_end_with_a_judge_behind_an_openai_compatible_server(tiny_mod
             "rates_ci95": {k: ci(lambda idx, k=k: float(np.mean(labels[idx] == k))) for k in ("win", "tie", "loss")},
             "win_rate_ci95": ci(lambda idx: float(scores[idx].mean())),
             "lc_win_rate": lc,
-            "lc_win_rate_ci95": ci(lambda idx: length_controlled_win_rate(scores[idx], diffs[idx])[0]),
+            "lc_win_rate_ci95": ci(lambda idx: (length_controlled_win_rate(scores[idx], diffs[idx]) or (None,))[0]),
             "lc_length_coef": coef,
+            "lc_separated": False,
             "prompts": 7, "judged_prompts": 5, "excluded_prompts": 2, "judgments": 14, "parse_failures": 3,
             "order_disagreements": 1,
-            # Non-tie labels: A, B (p0), A, B (p1), B, A (p2), A, A (p3), A (p6-ab): 6 of 9 name the first shown.
-            "first_position_preference": 6 / 9,
+            # Non-tie labels of the judged prompts: A, B (p0), A, B (p1), B, A (p2), A, A (p3): 5 of 8 name the first
+            # shown (p6-ab's "A" is an excluded prompt's).
+            "first_position_preference": 5 / 8,
             "length": {side: {"mean_tokens": mean([o["n_tokens"] for o in outs]),
                               "mean_words": mean([len(o["text"].split()) for o in outs]),
                               "mean_chars": mean([len(o["text"]) for o in outs]),

@@ -40,3 +40,33 @@ def test_a_run_recorded_before_candidates_were_marked_says_it_does_not_know():
     legacy = {k: v for k, v in stats.items() if "truncated" not in k}  # a summary.json of an older srlm
     assert "cut at the length cap: all (chosen / rejected)  - (- / -)" in format_table({1: legacy})
     assert truncation_warning([old], 16, 0.0) is None
+
+
+def test_scores_fall_in_six_whole_bins_in_either_judge_mode():
+    # An `expected` judge's scores are fractions: each its own bar before, unreadable in the table and the plot.
+    from srlm.judging import score_bin
+
+    assert [score_bin(s) for s in (0.0, 0.49, 0.5, 2.5, 2.7768, 3.5, 4.5, 5.0)] == ["0", "0", "1", "3", "3", "4", "5",
+                                                                                     "5"]
+    scores = [4.5, 2.7768, 3.0, 0.4, 5.0, 3.2]
+    judgments = [Judgment(id=f"c{i}-e", candidate_id=f"c{i}", prompt_id="p0", sample=0, text="", score=s)
+                 for i, s in enumerate(scores)]
+    stats = iteration_stats([], [], judgments, select_pairs([], [], judgments), n_prompts=1)
+    assert stats["score_histogram"] == {"0": 1, "3": 3, "5": 2}
+    assert stats["max_score_share"] == 2 / 6  # the scores in the 5 bin
+
+
+def test_the_eval_table_shows_the_papers_figures(tmp_path):
+    # PAPER.md §5-6: 5-best among the judge's metrics, wins and losses (not only the win rate), length in chars.
+    from srlm.report import format_eval_table, plot_eval
+
+    results = [{"model": "M1", "judge": {"pairwise_accuracy": 0.6, "five_best": 0.4}},
+               {"model": "M2", "judge": {"pairwise_accuracy": 0.65, "five_best": 0.5},
+                "h2h_vs_previous": {"rates": {"win": 0.555, "tie": 0.328, "loss": 0.117}, "win_rate": 0.7190,
+                                    "length": {"a": {"mean_chars": 1092.25, "mean_words": 180.0}}}}]
+    rows = {line.split("  ")[0]: line.split()[-2:] for line in format_eval_table(results).splitlines()[2:]}
+    assert rows["judge 5-best"] == ["0.400", "0.500"]
+    assert rows["wins vs previous"] == ["-", "0.555"] and rows["losses vs previous"] == ["-", "0.117"]
+    assert rows["response chars (vs previous)"] == ["-", "1092.2"]
+    assert "LC win rate vs previous" not in rows  # no figure for any model: no row
+    assert plot_eval(results, tmp_path / "eval.png").stat().st_size > 0

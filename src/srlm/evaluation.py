@@ -33,13 +33,14 @@ from itertools import combinations
 from pathlib import Path
 from statistics import mean
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from .errors import InputError
 from .records import Candidate, Prompt, Record, read_jsonl
 
 TIE_CONVENTION = ("judge ties count as disagreement in pairwise accuracy and exact match; their share is "
-                  "judge_tie_rate; a prompt the judge scores all alike has Spearman and Kendall tau 0; a 5 is a mean "
+                  "judge_tie_rate; pairs of replies humans tie count in neither (any judge order of them matches); "
+                  "a prompt the judge scores all alike has Spearman and Kendall tau 0; a 5 is a mean "
                   "score of 4.5 or more, and 5-best counts it for a prompt humans rank (every reply tied for their "
                   "best is best), against their best of all its replies; replies with no parsed judgment are "
                   "excluded")
@@ -85,6 +86,20 @@ class PairwiseLabel(Record):
     response_a: str = Field(validation_alias=AliasChoices("response_a", "output_a", "output_1"))
     response_b: str = Field(validation_alias=AliasChoices("response_b", "output_b", "output_2"))
     winner: str = Field(validation_alias=AliasChoices("winner", "preference", "label"))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_numbered_label(cls, data):
+        # AlpacaEval's numbers (1, 2, 1.5 or 0 for a draw) come as `preference`; a number under `label` follows some
+        # other dataset's convention (often 0 = the first response, 1 = the second), which would be read wrong.
+        if isinstance(data, dict) and "winner" not in data and "preference" not in data:
+            label = data.get("label")
+            if isinstance(label, (int, float)) and not isinstance(label, bool) or (
+                    isinstance(label, str) and label.strip().replace(".", "", 1).isdigit()):
+                raise ValueError(f"label {label!r}: a number here has no one meaning (0 may be a tie, as in "
+                                 "AlpacaEval, or the first response); write winner: A, B or tie, or AlpacaEval's "
+                                 "preference: 1, 2 or 1.5")
+        return data
 
     @field_validator("id", "winner", mode="before")
     @classmethod
@@ -309,7 +324,7 @@ def measure_judge(generator, replies: Sequence[RankedReply], out_dir: Path, conf
     import hashlib
 
     from .config import output_settings
-    from .judging import run_judge
+    from .judging import run_judge, score_bin
     from .pairs import candidate_scores
     from .records import atomic_write_text
     from .rundir import pin_settings
@@ -328,7 +343,7 @@ def measure_judge(generator, replies: Sequence[RankedReply], out_dir: Path, conf
     valid = [x.score for x in judgments if x.score is not None]
     result.update(judge_mode=config.judge.mode, judgments=len(judgments), parse_failures=failed,
                   parse_failure_rate=failed / len(judgments) if judgments else None,
-                  score_histogram=dict(sorted(Counter(str(round(s)) for s in valid).items())))
+                  score_histogram=dict(sorted(Counter(score_bin(s) for s in valid).items())))
     atomic_write_text(out_dir / "judge_agreement.json", json.dumps(result, indent=2) + "\n")
     return result
 

@@ -404,13 +404,14 @@ def bootstrap_ci(statistic: Callable[[np.ndarray], float | None], n: int, *, res
     """Percentile interval of `statistic(indices)` over `resamples` resamplings of n items with replacement.
 
     Every call with the same n and seed draws the same resamples, so the intervals of different statistics
-    in one report come from the same resampled prompt sets."""
+    in one report come from the same resampled prompt sets. A statistic undefined (None) on more than a tenth of
+    the resamples has no interval: the rest would be a biased subset."""
     if n == 0:
         return None
     rng = np.random.default_rng(seed)
     values = [statistic(rng.integers(0, n, n)) for _ in range(resamples)]
     values = [v for v in values if v is not None]
-    if not values:
+    if not values or len(values) < 0.9 * resamples:
         return None
     low, high = np.quantile(values, [(1 - level) / 2, (1 + level) / 2])
     return [float(low), float(high)]
@@ -450,13 +451,28 @@ def _fit_logistic(x: np.ndarray, y: np.ndarray, l2: float) -> np.ndarray:
     return beta
 
 
+def separated_by_length(scores: Sequence[float], length_diffs: Sequence[float]) -> bool:
+    """Whether length alone tells A's wins from its losses: every win at least as long (relative to B) as every
+    loss, or every win at most as long, a tie counting as half a win and half a loss. Then the logistic fit has
+    no maximum (its slope runs off) and its intercept, the LC win rate, is whatever the penalty and the gap's
+    position make it: 0.013 for a judge that always picks the longer response, where the raw rate was 0.8."""
+    y = np.asarray(scores, dtype=float)
+    diffs = np.asarray(length_diffs, dtype=float)
+    wins, losses = diffs[y > 0], diffs[y < 1]
+    if not len(wins) or not len(losses) or diffs.min() == diffs.max():
+        return False
+    return bool(wins.min() >= losses.max() or wins.max() <= losses.min())
+
+
 def length_controlled_win_rate(scores: Sequence[float], length_diffs: Sequence[float], *,
                                l2: float = 1e-3) -> tuple[float, float] | None:
     """(LC win rate, length coefficient) from per-prompt scores (1 win, 0.5 tie, 0 loss) and length differences
     (A minus B): logit P(A wins) = b0 + b1 * tanh(diff / std(diff)), LC win rate = sigmoid(b0).
 
     A positive coefficient means the judge favours the longer response. Without length differences the LC win
-    rate is the plain one; with outcomes all equal it is that outcome (the fit's limit)."""
+    rate is the plain one; with outcomes all equal it is that outcome (the fit's limit). None without prompts, and
+    when the outcomes separate by length (`separated_by_length`): the data do not say what happens at equal length.
+    The small slope penalty only keeps the fit finite on the way (ties can make the slope large)."""
     y = np.asarray(scores, dtype=float)
     diffs = np.asarray(length_diffs, dtype=float)
     if len(y) == 0:
@@ -464,6 +480,8 @@ def length_controlled_win_rate(scores: Sequence[float], length_diffs: Sequence[f
     spread = float(diffs.std())
     if y.min() == y.max() or spread == 0:
         return float(y.mean()), 0.0
+    if separated_by_length(y, diffs):
+        return None
     intercept, slope = _fit_logistic(np.tanh(diffs / spread), y, l2)
     return float(_sigmoid(intercept)), float(slope)
 
@@ -499,10 +517,13 @@ def summarize(outputs_a: Sequence[H2HOutput], outputs_b: Sequence[H2HOutput], ve
         rates_ci95={k: ci(lambda idx, k=k: float(np.mean(labels[idx] == k))) for k in ("win", "tie", "loss")},
         win_rate_ci95=ci(lambda idx: float(scores[idx].mean())),
         lc_win_rate=lc[0] if lc else None,
-        lc_win_rate_ci95=ci(lambda idx: length_controlled_win_rate(scores[idx], diffs[idx])[0]),
+        lc_win_rate_ci95=ci(lambda idx: (length_controlled_win_rate(scores[idx], diffs[idx]) or (None,))[0]),
         lc_length_coef=lc[1] if lc else None,
+        lc_separated=bool(len(judged)) and separated_by_length(scores, diffs),
     )
-    positional = [v.label for v in verdicts if v.label in ("A", "B")]
+    # Over the judged prompts, as every other figure here: an excluded prompt's one parsed order says little.
+    judged_ids = {a.id for a in judged}
+    positional = [v.label for v in verdicts if v.prompt_id in judged_ids and v.label in ("A", "B")]
     summary.update(
         prompts=len(outputs_a),
         judged_prompts=len(judged),
@@ -531,7 +552,8 @@ CONVENTIONS = {
     "win_rate": "(wins + ties / 2) / judged prompts",
     "ci95": "percentile bootstrap over judged prompts",
     "lc_win_rate": "logistic regression of the outcome (win 1, tie 0.5, loss 0) on "
-                   "tanh((words_A - words_B) / std); prediction at zero length difference",
+                   "tanh((words_A - words_B) / std); prediction at zero length difference; none when length alone "
+                   "separates wins from losses (the fit then has no maximum)",
 }
 
 
@@ -557,6 +579,9 @@ def render(summary: dict) -> str:
         f"{pct(summary['lc_win_rate']) + interval(summary['lc_win_rate_ci95'])}",
         f"ties from order disagreement: {summary['order_disagreements']}; judge picked the first-shown response in "
         f"{pct(summary['first_position_preference'])} of its non-tie verdicts",
+        *(["no LC win rate: length alone separates A's wins from its losses (every win longer, or every win "
+           "shorter, than every loss), so these outcomes say nothing of equal lengths"] if summary.get("lc_separated")
+          else []),
         "",
         f"{'mean length':<12}{'tokens':>8}{'words':>8}{'chars':>8}   cut at the length cap",
     ]

@@ -60,8 +60,8 @@ def plot(stats: dict[int, dict], path: Path) -> Path:
     width = 0.8 / max(1, len(iterations))
     for k, t in enumerate(iterations):
         hist = stats[t]["score_histogram"]
-        xs = sorted(float(s) for s in hist)
-        axes[0].bar([x + k * width for x in xs], [hist[f"{x:g}"] for x in xs], width=width, label=labels[k])
+        xs = sorted(int(s) for s in hist)  # whole-score bins (judging.score_bin)
+        axes[0].bar([x + k * width for x in xs], [hist[str(x)] for x in xs], width=width, label=labels[k])
     axes[0].set(title="judge scores", xlabel="score", ylabel="judgments")
     axes[0].legend()
     axes[1].plot(labels, [100 * stats[t]["parse_failure_rate"] for t in iterations], marker="o", label="parse failures")
@@ -94,6 +94,7 @@ EVAL_ROWS = [
     ("judge exact match", ("judge", "exact_match")),
     ("judge Spearman", ("judge", "spearman")),
     ("judge Kendall tau", ("judge", "kendall_tau")),
+    ("judge 5-best", ("judge", "five_best")),
     ("judge tie rate", ("judge", "judge_tie_rate")),
     ("judge parse failures", ("judge", "parse_failure_rate")),
     ("IFEval prompt strict", ("ifeval", "prompt_level_strict_acc")),
@@ -101,11 +102,17 @@ EVAL_ROWS = [
     ("IFEval instruction strict", ("ifeval", "inst_level_strict_acc")),
     ("IFEval instruction loose", ("ifeval", "inst_level_loose_acc")),
     ("response tokens (IFEval)", ("ifeval", "mean_response_tokens")),
+    # The paper reports wins and losses ("M2 vs M1 55.5 / 11.7"); the win rate counts a tie as half a win.
+    ("wins vs previous", ("h2h_vs_previous", "rates", "win")),
+    ("losses vs previous", ("h2h_vs_previous", "rates", "loss")),
     ("win rate vs previous", ("h2h_vs_previous", "win_rate")),
     ("LC win rate vs previous", ("h2h_vs_previous", "lc_win_rate")),
-    ("response words (head-to-head)", ("h2h_vs_previous", "length", "a", "mean_words")),
+    ("response chars (vs previous)", ("h2h_vs_previous", "length", "a", "mean_chars")),
+    ("wins vs SFT baseline", ("h2h_vs_sft", "rates", "win")),
+    ("losses vs SFT baseline", ("h2h_vs_sft", "rates", "loss")),
     ("win rate vs SFT baseline", ("h2h_vs_sft", "win_rate")),
     ("LC win rate vs SFT baseline", ("h2h_vs_sft", "lc_win_rate")),
+    ("response chars (vs SFT baseline)", ("h2h_vs_sft", "length", "a", "mean_chars")),
 ]
 
 
@@ -126,8 +133,8 @@ def format_eval_table(results: list[dict]) -> str:
     """Both skills per model (PAPER.md §5): judge agreement with humans, instruction following, and length."""
     rows = [(label, key) for label, key in EVAL_ROWS if any(_value(r, key) is not None for r in results)]
     headers = ["", *[r["model"] for r in results]]
-    body = [[label, *[("-" if _value(r, key) is None else f"{_value(r, key):.3f}") for r in results]]
-            for label, key in rows]
+    cell = lambda v: "-" if v is None else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"  # lengths, then shares
+    body = [[label, *[cell(_value(r, key)) for r in results]] for label, key in rows]
     widths = [max(len(row[i]) for row in [headers, *body]) for i in range(len(headers))]
     line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
     return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, body)])
@@ -143,30 +150,46 @@ def plot_eval(results: list[dict], path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     models = [r["model"] for r in results]
+    # (title, y label, series); the length panel's second unit goes on an axis of its own on the right.
     panels = [
-        ("judge agreement with humans", [("pairwise accuracy", ("judge", "pairwise_accuracy")),
-                                         ("Spearman", ("judge", "spearman")),
-                                         ("parse failures", ("judge", "parse_failure_rate"))]),
-        ("IFEval", [("prompt strict", ("ifeval", "prompt_level_strict_acc")),
-                    ("prompt loose", ("ifeval", "prompt_level_loose_acc")),
-                    ("instruction strict", ("ifeval", "inst_level_strict_acc")),
-                    ("instruction loose", ("ifeval", "inst_level_loose_acc"))]),
-        ("head-to-head", [("win rate vs previous", ("h2h_vs_previous", "win_rate")),
-                          ("LC win rate vs previous", ("h2h_vs_previous", "lc_win_rate")),
-                          ("win rate vs SFT baseline", ("h2h_vs_sft", "win_rate")),
-                          ("LC win rate vs SFT baseline", ("h2h_vs_sft", "lc_win_rate"))]),
-        ("response length", [("IFEval, mean tokens", ("ifeval", "mean_response_tokens")),
-                             ("head-to-head, mean words", ("h2h_vs_previous", "length", "a", "mean_words"))]),
+        ("judge agreement with humans", "agreement (share or correlation)", [
+            ("pairwise accuracy", ("judge", "pairwise_accuracy")), ("exact match", ("judge", "exact_match")),
+            ("Spearman", ("judge", "spearman")), ("Kendall tau", ("judge", "kendall_tau")),
+            ("5-best", ("judge", "five_best")), ("parse failures", ("judge", "parse_failure_rate"))]),
+        ("IFEval", "accuracy", [("prompt strict", ("ifeval", "prompt_level_strict_acc")),
+                                ("prompt loose", ("ifeval", "prompt_level_loose_acc")),
+                                ("instruction strict", ("ifeval", "inst_level_strict_acc")),
+                                ("instruction loose", ("ifeval", "inst_level_loose_acc"))]),
+        ("head-to-head", "share of prompts", [("win rate vs previous", ("h2h_vs_previous", "win_rate")),
+                                              ("LC win rate vs previous", ("h2h_vs_previous", "lc_win_rate")),
+                                              ("win rate vs SFT baseline", ("h2h_vs_sft", "win_rate")),
+                                              ("LC win rate vs SFT baseline", ("h2h_vs_sft", "lc_win_rate"))]),
+        ("response length", "mean tokens (IFEval)", [("IFEval, tokens", ("ifeval", "mean_response_tokens"))]),
     ]
+    chars = [("head-to-head vs previous, chars", ("h2h_vs_previous", "length", "a", "mean_chars")),
+             ("head-to-head vs SFT, chars", ("h2h_vs_sft", "length", "a", "mean_chars"))]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
-    for ax, (title, series) in zip(axes, panels):
+
+    def draw(ax, series, **style) -> bool:
+        drawn = False
         for name, key in series:
             values = [_value(r, key) for r in results]
             if any(v is not None for v in values):
-                ax.plot(models, [float("nan") if v is None else v for v in values], marker="o", label=name)
-        ax.set(title=title)
+                ax.plot(models, [float("nan") if v is None else v for v in values], marker="o", label=name, **style)
+                drawn = True
+        return drawn
+
+    for ax, (title, unit, series) in zip(axes, panels):
+        draw(ax, series)
+        ax.set(title=title, ylabel=unit)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+            ax.legend(fontsize="small")
+    right = axes[-1].twinx()
+    if draw(right, chars, linestyle="--"):
+        right.set(ylabel="mean characters (head-to-head)")
+        right.legend(loc="lower right", fontsize="small")
+    else:
+        right.remove()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

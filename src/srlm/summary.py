@@ -5,7 +5,7 @@ from collections import Counter
 from collections.abc import Sequence
 from statistics import mean
 
-from .judging import MAX_SCORE
+from .judging import MAX_SCORE, score_bin
 from .pairs import TIE, PairSelection
 from .records import Candidate, Judgment
 
@@ -19,7 +19,7 @@ def iteration_stats(
     by_id = {c.id: c for c in candidates}
     chosen = [by_id[p.chosen_id] for p in selection.pairs if p.chosen_id in by_id]
     rejected = [by_id[p.rejected_id] for p in selection.pairs if p.rejected_id in by_id]
-    histogram = Counter(str(int(s)) if float(s).is_integer() else f"{s:g}" for s in valid)
+    histogram = Counter(score_bin(s) for s in valid)
     return {
         "prompts_generated": len(attempts),
         "prompts_kept": n_prompts,
