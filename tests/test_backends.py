@@ -623,3 +623,34 @@ def test_every_declared_end_of_sequence_ends_a_sample_on_both_local_backends(tin
     assert eos_token_ids(hf.tokenizer, None, turn_end) == [turn_end, hf.tokenizer.eos_token_id]
     reloaded = HFGenerator(model, ModelConfig(name_or_path=str(model), dtype="float32"), "cpu")
     assert reloaded.eos_ids == [turn_end, hf.tokenizer.eos_token_id]
+
+
+def test_decoding_stops_at_the_models_last_position_cut(hf_generator):
+    # Past its positions a model with rotary embeddings writes nonsense, one with learned positions fails.
+    params = SamplingParams(temperature=0.0, top_p=1.0, max_new_tokens=8)
+    free = hf_generator.generate(["Hello"], params)[0]
+    prompt = len(hf_generator.tokenizer(hf_generator.render("Hello"), add_special_tokens=False).input_ids)
+    config = hf_generator.model.config
+    before = config.max_position_embeddings
+    config.max_position_embeddings = prompt + 2  # room for two fed tokens; the third is sampled at the last
+    try:
+        (capped,) = hf_generator.generate(["Hello"], params)
+    finally:
+        config.max_position_embeddings = before
+    assert capped.n_tokens == 3 and capped.truncated and free.n_tokens == 8
+    assert free.text.startswith(capped.text)
+
+
+def test_sampling_params_are_checked_where_they_are_made():
+    for bad in (dict(top_p=0.0), dict(top_p=1.5), dict(temperature=-0.1), dict(max_new_tokens=0)):
+        with pytest.raises(ValueError, match="sampling needs"):
+            SamplingParams(**bad)
+
+
+def test_a_server_that_ignores_stop_strings_is_cut_as_the_hf_backend_cuts():
+    # At the earliest stop string in the text, whatever their order (cutting one after another missed "ab" in
+    # "xaby" once "b" had cut it to "xa").
+    with OpenAIServer(respond=lambda body: "xaby") as server:
+        for stop in (("b", "ab"), ("ab", "b")):
+            out = client(server).generate(["q"], replace(GREEDY, stop=stop))[0]
+            assert (out.text, out.truncated) == ("x", False)

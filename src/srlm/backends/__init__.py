@@ -37,6 +37,9 @@ class SamplingParams:
         # An empty stop string is in every text: it would end every sequence after its first token.
         if any(not s for s in self.stop):
             raise ValueError(f"a stop string is empty: {self.stop!r}")
+        if not (self.temperature >= 0 and 0 < self.top_p <= 1 and self.max_new_tokens >= 1):
+            raise ValueError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and max_new_tokens >= 1: "
+                             f"temperature={self.temperature}, top_p={self.top_p}, max_new_tokens={self.max_new_tokens}")
 
 
 @dataclass(frozen=True)

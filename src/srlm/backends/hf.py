@@ -23,6 +23,8 @@ def scoring_texts(tokenizer, requests: Sequence[Request], prefill: str | Sequenc
     """Each request as the model sees it, followed by its `prefill` (one for all, or one per request): the texts
     whose next token `choice_probs` scores."""
     prefills = [prefill] * len(requests) if isinstance(prefill, str) else list(prefill)
+    if len(prefills) != len(requests):
+        raise ValueError(f"{len(prefills)} prefills for {len(requests)} requests: one for all, or one each")
     return [render(tokenizer, r) + p for r, p in zip(requests, prefills)]
 
 
@@ -392,6 +394,11 @@ class HFGenerator:
         import torch
 
         cache, logits, mask, position, active, shared = self._prefill(texts, params.max_new_tokens)  # row -> text
+        # A row that reaches the model's last position stops there, cut (truncated): past it a model with rotary
+        # embeddings writes nonsense and one with learned positions fails.
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if not limit or int(position.max()) + params.max_new_tokens <= limit:
+            limit = None
         extra = {} if shared is None else {"cascade": shared}
         tokens_of: list[list[int]] = [[] for _ in texts]
         logprobs_of: list[list[float]] | None = [[] for _ in texts] if params.logprobs else None
@@ -428,6 +435,8 @@ class HFGenerator:
                         ended[text] = True
                         finished_rows.add(row)
             tokens_sampled(kept)
+            if limit is not None:  # `position` is where each row's next token would go
+                finished_rows.update(r for r, at in enumerate(position.tolist()) if at >= limit)
             if len(finished_rows) == len(active) or step == params.max_new_tokens - 1:
                 break
             # Finished rows leave the batch once they are an eighth of it: each removal copies the cache.

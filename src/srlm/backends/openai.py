@@ -5,6 +5,7 @@ import http.client
 import json
 import os
 import queue
+import ssl
 import threading
 import time
 import urllib.error
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from ..errors import ModelError
 from ..progress import tokens_sampled
 from . import Completion, Request, SamplingParams
+from .hf import cut_at_stop
 
 
 class OpenAIGenerator:
@@ -113,14 +115,13 @@ class OpenAIGenerator:
         except (KeyError, IndexError, TypeError):
             field = "choices[0].message.content" if chat else "choices[0].text"
             raise ModelError(f"{url}: unexpected response without {field}: {json.dumps(data)[:300]}")
-        text = text or ""
-        stopped = False
-        # Servers differ on stop strings (some keep the stop text, some ignore `stop` on /completions): cut here too.
-        for stop_text in params.stop:
-            cut = text.find(stop_text)
-            if cut >= 0:
-                text, stopped = text[:cut], True
-        usage = data.get("usage") or {}
+        if not isinstance(text, (str, type(None))):
+            field = "choices[0].message.content" if chat else "choices[0].text"
+            raise ModelError(f"{url}: {field} is not text: {json.dumps(data)[:300]}")
+        # Servers differ on stop strings (some keep the stop text, some ignore `stop` on /completions): cut here too,
+        # as the hf backend cuts (at the earliest stop found).
+        text, stopped = cut_at_stop(text or "", params.stop)
+        usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         n_tokens = usage.get("completion_tokens")
         if not isinstance(n_tokens, int):
             n_tokens = len(text.split())  # a server that reports no usage: words are the closest stand-in
@@ -161,6 +162,8 @@ class OpenAIGenerator:
                 wait = _retry_after(e)
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 last = self._describe(e)
+                if isinstance(getattr(e, "reason", None), ssl.SSLError):  # https to an http server: no retry heals it
+                    raise ModelError(f"{url}: {last}; check generation.base_url (http or https?)")
             else:
                 try:
                     return json.loads(raw)
@@ -194,7 +197,7 @@ def _server_message(error: urllib.error.HTTPError) -> str:
     """The server's own explanation: OpenAI's {"error": {"message"}}, vLLM's {"message"}, FastAPI's {"detail"}."""
     try:
         raw = error.read().decode("utf-8", "replace")
-    except OSError:
+    except (OSError, http.client.HTTPException):  # a body cut short: the status says enough to retry on
         return error.reason or "(no message)"
     try:
         data = json.loads(raw)
