@@ -237,6 +237,27 @@ def test_resume_may_extend_iterations_but_not_change_the_method(reference_run, t
     assert artifacts(copy) == artifacts(root)  # iterations 1 and 2 untouched
 
 
+def test_a_second_srlm_on_the_same_run_directory_is_refused(reference_run, tmp_path):
+    # Two `--resume`s at once wrote the same records files and lost 8 of 12 candidates, the manifest saying 12.
+    import os
+    import shutil
+
+    from srlm.errors import RunDirError
+    from srlm.rundir import RunDir
+
+    root, _, config = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    other = RunDir(copy)
+    other.lock()  # as another process holds it
+    try:
+        with pytest.raises(RunDirError, match=rf"in use by another srlm process \(pid {os.getpid()}\)"):
+            run(config, copy, resume=True)
+    finally:
+        other.unlock()
+    assert sorted(run(config, copy, resume=True)["iterations"]) == [1, 2]  # free again: it resumes
+
+
 def test_expected_judge_mode_and_evaluation_of_every_model(tiny_model, tmp_path, capsys):
     from conftest import FIXTURES
     from srlm.report import report

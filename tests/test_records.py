@@ -22,6 +22,10 @@ def write(path, lines: list) -> None:
     (["[1, 2]"], ":1: expected a JSON object, found list"),
     ([b'{"id": "a", "prompt": "\xff", "response": "x"}\n'], ":1: invalid UTF-8"),
     ([], "file is empty"),
+    # Valid JSON that is no text, or that Python's reader refuses: errors with a line, not tracebacks.
+    ([json.dumps({**GOOD, "prompt": "\ud800What?"})], ":1: an escaped lone surrogate"),
+    (['{"id": "a", "prompt": "Q", "response": "x", "n": ' + "9" * 5000 + "}"], ":1: JSON this reader refuses"),
+    (["[" * 100_000 + "]" * 100_000], ":1: JSON this reader refuses"),
 ])
 def test_bad_lines_name_file_line_and_field(tmp_path, lines, message):
     path = tmp_path / "ift.jsonl"
@@ -121,3 +125,16 @@ def test_pinned_settings_name_a_key_only_one_side_has_and_refuse_an_unreadable_f
         path.write_bytes(text.encode("latin-1"))
         with pytest.raises(RunDirError, match="not the JSON object of settings srlm writes"):
             pin_settings(path, {"judge": "M1"}, "a comparison")
+
+
+@pytest.mark.parametrize("field,value", [("score", float("nan")), ("score", float("inf")), ("score", 17), ("score", -1),
+                                         ("sample", -1)])
+def test_a_judgment_holds_a_score_of_the_rubric_or_none(tmp_path, field, value):
+    # NaN and -1e308 once made pairs: max/min over NaN, a "rejected_score" of -5e+307.
+    from srlm.records import Judgment
+
+    row = {"id": "c-j0", "candidate_id": "c", "prompt_id": "p", "sample": 0, "text": "Score: 4", "score": 4.0}
+    path = tmp_path / "judgments.jsonl"
+    path.write_text(json.dumps({**row, field: value}) + "\n")
+    with pytest.raises(InputError, match=rf":1: field '{field}'"):
+        read_jsonl(path, Judgment)

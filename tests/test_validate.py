@@ -15,6 +15,13 @@ def test_shipped_seed_passes(capsys):
     assert "EFT scores: 0: 54, 1: 55, 2: 56, 3: 55, 4: 55, 5: 55" in out and out.rstrip().endswith("OK")
 
 
+def test_shipped_with_a_file_of_ones_own_is_refused_not_ignored(tmp_path, capsys):
+    # It validated the shipped data, said OK, and never read the user's file.
+    bad = lines(tmp_path / "ift.jsonl", ['{"id": "a", "prompt": "Q'])
+    assert main(["data", "validate", "--shipped", "--ift", str(bad)]) != 0
+    assert "--shipped validates the data srlm ships" in capsys.readouterr().err
+
+
 def test_every_problem_is_reported_with_its_line(tmp_path):
     ift = lines(tmp_path / "ift.jsonl", [
         {"id": "i1", "prompt": "What is rust?", "response": "Iron oxide."},

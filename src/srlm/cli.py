@@ -276,6 +276,8 @@ def cmd_data_validate(args) -> int:
 
     ift, eft = args.ift, args.eft
     if args.shipped:
+        if ift is not None or eft is not None:
+            raise SrlmError("--shipped validates the data srlm ships; give it alone, or --ift/--eft without it")
         ift, eft = shipped("ift"), shipped("eft")
     if ift is None and eft is None:
         raise SrlmError("nothing to validate: give --ift FILE and/or --eft FILE (or --shipped)")

@@ -74,8 +74,19 @@ class Run:
     def __init__(self, config: RunConfig, root: Path, *, resume: bool = False):
         self.config = config
         self.dir = RunDir(root)
+        try:
+            self._open(config, root, resume)
+        except BaseException:
+            self.dir.unlock()  # a refused resume must not hold the directory while its error is handled
+            raise
+        self.template = load_template(config.judge.template)
+        self._generator = None
+        self._generator_model: Path | None = None
+
+    def _open(self, config: RunConfig, root: Path, resume: bool) -> None:
         if resume:
             self.dir.open()
+            self.dir.lock()
             saved = RunConfig.model_validate(yaml.safe_load(self.dir.config_path.read_text(encoding="utf-8")))
             # Evaluation settings never change what the method wrote; they apply to models not yet evaluated.
             changed = _changed_keys(saved, config)
@@ -99,9 +110,7 @@ class Run:
                 # Fixed once and recorded in config.yaml: every stage plans (and a resume replans) the same batches.
                 config.generation.batch_size = resolve_batch_size(config, models.resolve(config.model))
             self.dir.create(config)
-        self.template = load_template(config.judge.template)
-        self._generator = None
-        self._generator_model: Path | None = None
+            self.dir.lock()
 
     @staticmethod
     def _check_backends(config: RunConfig) -> None:
@@ -367,4 +376,8 @@ class Run:
 
 def run(config: RunConfig, out: Path, *, resume: bool = False) -> dict:
     """Run (or resume) the whole method into `out`; returns the summary also written to `out/summary.json`."""
-    return Run(config, out, resume=resume).execute()
+    job = Run(config, out, resume=resume)
+    try:
+        return job.execute()
+    finally:
+        job.dir.unlock()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal, TypeVar
@@ -74,9 +75,9 @@ class Candidate(Record):
 
     id: str
     prompt_id: str
-    index: int
+    index: int = Field(ge=0)
     text: str
-    n_tokens: int = 0
+    n_tokens: int = Field(0, ge=0)
     # Judge-format text inside a response ("Score: 5", the rubric's words) can game the judge (PAPER.md §7).
     flagged: bool = False
     # Cut at candidates.max_new_tokens before it ended: its length is the cap's, not the model's (PAPER.md §7, length
@@ -91,9 +92,9 @@ class Judgment(Record):
     id: str
     candidate_id: str
     prompt_id: str
-    sample: int
+    sample: int = Field(ge=0)
     text: str
-    score: float | None = None
+    score: float | None = Field(None, ge=0, le=5, allow_inf_nan=False)
     error: str | None = None
     # judge.mode=expected: P(score = 0..5) after "Score:", of which `score` is the (renormalised) mean.
     score_probs: list[float] | None = None
@@ -109,11 +110,12 @@ class Pair(Record):
     rejected_id: str
     chosen: str
     rejected: str
-    chosen_score: float
-    rejected_score: float
+    chosen_score: float = Field(ge=0, le=5, allow_inf_nan=False)
+    rejected_score: float = Field(ge=0, le=5, allow_inf_nan=False)
 
 
 R = TypeVar("R", bound=Record)
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
@@ -150,6 +152,14 @@ def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
     except json.JSONDecodeError as e:
         hint = " (the line looks truncated)" if not line.endswith("\n") else ""
         raise InputError(f"invalid JSON: {e.msg} at column {e.colno}{hint}", path=path, line=number)
+    except (ValueError, RecursionError) as e:  # a number of more than 4300 digits; arrays nested thousands deep
+        raise InputError(f"JSON this reader refuses: {str(e)[:120] or type(e).__name__}", path=path, line=number)
+    if "\\u" in line and _SURROGATE_ESCAPE.search(line):  # "\ud800" alone: valid JSON, no text, and unwritable
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("an escaped lone surrogate (\\ud800-\\udfff without its pair): not a character "
+                             "(expected UTF-8 text)", path=path, line=number)
     if not isinstance(obj, dict):
         raise InputError(f"expected a JSON object, found {type(obj).__name__}", path=path, line=number)
     try:

@@ -101,9 +101,45 @@ class RunDir:
         if manifest.get("format_version") != FORMAT_VERSION:
             raise RunDirError(f"{self.manifest_path}: made by a srlm with run format "
                               f"{manifest.get('format_version')!r}; this srlm reads format {FORMAT_VERSION}")
-        if not isinstance(manifest.get("stages"), dict):
-            raise RunDirError(f"{self.manifest_path}: not a srlm manifest (its 'stages' is not an object)")
+        if not isinstance(manifest.get("stages"), dict) or not all(
+                isinstance(entry, dict) for entry in manifest["stages"].values()):
+            raise RunDirError(f"{self.manifest_path}: not a srlm manifest (its 'stages' is not an object of objects)")
         return manifest
+
+    def lock(self) -> None:
+        """Hold the run directory for this process's life: a second srlm on it (two `--resume`s) would write the
+        same records files at once and lose some, with the manifest calling the stage complete.
+
+        Under `accelerate launch` the ranks share the run by design; rank 0 holds it for all of them. A file system
+        without locks (NFS without lockd) goes unguarded."""
+        import fcntl
+        import os
+
+        if os.environ.get("RANK", "0") != "0":
+            return
+        handle = open(self.root / ".lock", "a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "?"
+            handle.close()
+            raise RunDirError(f"{self.root}: in use by another srlm process (pid {holder}); wait for it to end, or "
+                              "stop it, before running this one on it")
+        except OSError:
+            handle.close()
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        self._lock = handle
+
+    def unlock(self) -> None:
+        """Let go of the run directory (`lock`); at the latest the process's end does."""
+        handle, self._lock = getattr(self, "_lock", None), None
+        if handle is not None:
+            handle.close()
 
     def read_manifest(self) -> dict:
         return json.loads(self.manifest_path.read_text(encoding="utf-8"))
