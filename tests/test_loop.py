@@ -258,6 +258,22 @@ def test_a_second_srlm_on_the_same_run_directory_is_refused(reference_run, tmp_p
     assert sorted(run(config, copy, resume=True)["iterations"]) == [1, 2]  # free again: it resumes
 
 
+def test_a_bad_setting_on_resume_is_refused_before_it_is_saved(reference_run, tmp_path):
+    # Saved first, the typo failed every later plain --resume the same way.
+    import shutil
+
+    from srlm.errors import SrlmError
+
+    root, _, config = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    saved = (copy / "config.yaml").read_text()
+    typo = config.model_copy(update={"eval": config.eval.model_copy(update={"ifeval_data": tmp_path / "typo.jsonl"})})
+    with pytest.raises(SrlmError, match="typo.jsonl"):
+        run(typo, copy, resume=True)
+    assert (copy / "config.yaml").read_text() == saved
+
+
 def test_expected_judge_mode_and_evaluation_of_every_model(tiny_model, tmp_path, capsys):
     from conftest import FIXTURES
     from srlm.report import report

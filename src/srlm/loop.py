@@ -97,6 +97,10 @@ class Run:
                     "not match the artifacts already written. Start a new run for the rest"
                 )
             if changed:
+                # Checked before it is saved: a typo in a --set would otherwise stay in config.yaml and fail every
+                # later plain --resume the same way.
+                load_template(config.judge.template)
+                self._eval_sets()
                 atomic_write_text(self.dir.config_path, config_to_yaml(config))
         else:
             # Validate every input at the door, so that a typo never leaves a half-made run directory behind.

@@ -47,6 +47,15 @@ def _run_excludes_flagged(run: RunDir) -> bool:
     return bool((saved.get("judge") or {}).get("exclude_flagged", True))
 
 
+def _save(fig, path: Path) -> None:
+    """The figure as a PNG at `path`, whole or not at all (a kill mid-write leaves the previous plot)."""
+    import os
+
+    part = Path(path).with_name(Path(path).name + ".tmp")
+    fig.savefig(part, dpi=100, format="png")
+    os.replace(part, path)
+
+
 def plot(stats: dict[int, dict], path: Path) -> Path:
     """One PNG: score distribution, judge parse failures and saturation, and response lengths per iteration."""
     import matplotlib
@@ -84,7 +93,7 @@ def plot(stats: dict[int, dict], path: Path) -> Path:
     cut.set(ylabel="% of candidates cut", ylim=(0, 105))
     cut.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -191,7 +200,7 @@ def plot_eval(results: list[dict], path: Path) -> Path | None:
     else:
         right.remove()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
