@@ -281,3 +281,23 @@ def test_a_separate_reference_is_let_go_before_training(tiny_model, tmp_path, mo
                     reference_path=tmp_path / "M1")
     assert alive_when_training == [[True, False]]  # the policy trains; the reference is gone
     assert (out / "config.json").exists()
+
+
+def test_checkpoints_resume_only_what_they_were_trained_from(tiny_model, tmp_path, monkeypatch):
+    # A killed `srlm sft` rerun on other data resumed the old checkpoint and finished on the new: a model of neither.
+    from srlm.errors import RunDirError
+    from srlm.training import pin_training
+
+    config = tiny_config(tiny_model)
+    work = tmp_path / "M1.work"
+    rows = [{"prompt": "Q", "completion": "A"}]
+    pin_training(work, "sft", config, rows, model=tiny_model)
+    pin_training(work, "sft", config, list(rows), model=tiny_model)  # the same again: resumes
+    with pytest.raises(RunDirError, match=r"M1.work: holds the checkpoints of a SFT stage made with other settings "
+                                          r"\(rows: '1, sha256:.*' -> '2, sha256:.*'\)"):
+        pin_training(work, "sft", config, rows * 2, model=tiny_model)
+    other = config.model_copy(update={"sft": config.sft.model_copy(update={"learning_rate": 1e-3})})
+    with pytest.raises(RunDirError, match=r"sft.learning_rate"):
+        pin_training(work, "sft", other, rows, model=tiny_model)
+    monkeypatch.setenv("RANK", "1")  # under accelerate launch, rank 0 checks for all
+    pin_training(work, "sft", other, rows, model=tiny_model)

@@ -53,12 +53,14 @@ def train_dpo(
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, trainer_config
+    from .training import TRAINING_DTYPE, finish, last_checkpoint, pin_training, scored_positions_only, trainer_config
 
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
     device = pick_device(config.device)
     work_dir = out_dir.with_name(out_dir.name + ".work")
+    rows = dpo_rows(pairs)
+    pin_training(work_dir, "dpo", config, rows, model=model_path, reference=reference_path)
     tokenizer = load_tokenizer(model_path, config.model)
     model = load_model(model_path, config.model, device, dropout=config.dpo.dropout, dtype=TRAINING_DTYPE)
     ref_model = None
@@ -68,7 +70,7 @@ def train_dpo(
                           beta=config.dpo.beta, precompute_ref_log_probs=True, disable_dropout=config.dpo.dropout == 0)
     with scored_positions_only():  # the reference log-probabilities too, when TRL computes them at construction
         trainer = DPOTrainer(model=model, ref_model=ref_model, args=args,
-                             train_dataset=Dataset.from_list(dpo_rows(pairs)), processing_class=tokenizer)
+                             train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
         if ref_model is not None:
             ref_model = None
             _drop_reference(trainer)

@@ -60,13 +60,14 @@ def train_sft(
     from trl import SFTConfig, SFTTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, trainer_config
+    from .training import TRAINING_DTYPE, finish, last_checkpoint, pin_training, scored_positions_only, trainer_config
 
     device = pick_device(config.device)
     rows = sft_rows(ift, eft, template, config.seed)
     work_dir = out_dir.with_name(out_dir.name + ".work")
     tokenizer = load_tokenizer(model_path, config.model)
     rows = drop_overlong(rows, tokenizer, config.sft.max_length)
+    pin_training(work_dir, "sft", config, rows, model=model_path)
     model = load_model(model_path, config.model, device, dropout=config.sft.dropout, dtype=TRAINING_DTYPE)
     padding_free = config.sft.padding_free
     if padding_free == "auto":

@@ -129,6 +129,28 @@ def last_checkpoint(work_dir: Path) -> str | None:
     return None
 
 
+def pin_training(work_dir: Path, section: str, config, rows: list, **models: Path | str | None) -> None:
+    """Tie a training stage's checkpoints in `work_dir` to what they were trained from: the models' weights, the
+    rows, and the settings. A killed `srlm sft` rerun on other data (or another model, or other settings) resumed
+    the old checkpoint and finished on the new data, a model of neither; now it is refused.
+
+    Under `accelerate launch` rank 0 writes and checks for all (the ranks train on the same)."""
+    import hashlib
+
+    from .config import flat_keys
+    from .models import fingerprint
+    from .rundir import pin_settings
+
+    if os.environ.get("RANK", "0") != "0":
+        return
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    settings = {name: fingerprint(path) for name, path in models.items() if path is not None}
+    settings.update(rows=f"{len(rows)}, sha256:{digest}", **flat_keys(config, ["seed", "model", section]))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    pin_settings(work_dir / "srlm-settings.json", settings, f"the checkpoints of a {section.upper()} stage",
+                 holder=work_dir, start_over=f"delete {work_dir.name} to start over")
+
+
 def finish(trainer, tokenizer, out_dir: Path, work_dir: Path) -> Path:
     """Publish the trained model to `out_dir`, then remove the work directory: renamed first, so that a kill during
     the removal cannot leave a half-deleted checkpoint there for a rerun to resume from."""
