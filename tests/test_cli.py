@@ -199,3 +199,20 @@ def test_a_stage_output_made_without_its_settings_file_is_not_reused(tiny_model,
     assert main(["respond", "--model", str(tiny_model), "--prompts", str(prompts), "--out", str(out)]) == 5
     assert "no c.jsonl.settings.json says what made it" in capsys.readouterr().err
     assert out.read_text() == ""
+
+
+def test_prompts_started_over_only_when_their_attempts_are_gone_too(tiny_model, tmp_path, capsys):
+    # The stage resumes from pr_attempts.jsonl: deleting pr.jsonl alone, as the message once advised, replayed the
+    # old attempts under new settings, and the settings file then claimed the new ones.
+    out = tmp_path / "pr.jsonl"
+    prompts = ["prompts", "--model", str(tiny_model), "--out", str(out), "--num", "2",
+               "--set", "prompts.max_new_tokens=4", "--set", "prompts.max_attempts_factor=2"]
+    assert main(prompts) == 0
+    assert (tmp_path / "pr_attempts.jsonl").exists()
+    out.unlink()
+    capsys.readouterr()
+    assert main([*prompts, "--set", "prompts.temperature=1.5"]) == 5
+    err = capsys.readouterr().err
+    assert "prompts.temperature: 0.6 -> 1.5" in err and "pr_attempts.jsonl" in err
+    (tmp_path / "pr_attempts.jsonl").unlink()
+    assert main([*prompts, "--set", "prompts.temperature=1.5"]) == 0

@@ -138,7 +138,8 @@ def _generator_for(name: str, config, *, other: bool = False):
     return make_generator(config, path, batch_size=capped_batch_size(config, path) if other else None)
 
 
-def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[str], **inputs) -> None:
+def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[str], *,
+                      companions: tuple[str, ...] = (), **inputs) -> None:
     """Tie a stage command's output to what its records depend on (rundir.pin_output): the model's weights (their
     fingerprint; a server's model by name), each input (a file's bytes, or a value), the seed and the config sections
     the stage reads."""
@@ -157,7 +158,7 @@ def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[s
         settings[name] = (f"sha256:{digest(value.read_bytes())}" if isinstance(value, Path)
                           else value if isinstance(value, (int, str)) else f"sha256:{digest(json.dumps(value).encode())}")
     settings.update(output_settings(config, sections))
-    pin_output(Path(out), settings, what)
+    pin_output(Path(out), settings, what, companions=companions)
 
 
 def _model_identity(model: str) -> str:
@@ -191,7 +192,8 @@ def cmd_prompts(args) -> int:
     pool = _seed_prompts(args.seed_prompts) if args.seed_prompts else [x.prompt for x in load_ift(config.data.ift)]
     earlier = [text for path in args.earlier for text in _seed_prompts(path)]
     options = prompt_options(_ready(config, args.model), args.num)
-    _pin_stage_output(args.out, "prompts", args.model, config, ["prompts"], few_shot_pool=pool,
+    attempts = Path(args.out).stem + "_attempts.jsonl"  # what generate_prompts resumes from
+    _pin_stage_output(args.out, "prompts", args.model, config, ["prompts"], companions=(attempts,), few_shot_pool=pool,
                       iteration=args.iteration, num_prompts=options["num_prompts"],
                       **({"earlier": earlier} if earlier else {}))
     with bar(options["num_prompts"], "prompts") as progress:

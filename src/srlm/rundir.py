@@ -184,17 +184,20 @@ def pin_settings(path: Path, settings: dict, what: str, *, holder: Path | None =
     atomic_write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
-def pin_output(out: Path, settings: dict, what: str) -> None:
+def pin_output(out: Path, settings: dict, what: str, *, companions: tuple[str, ...] = ()) -> None:
     """`pin_settings` for a stage command's output file `out`, in `<out>.settings.json`: rerunning the stage into
     `out` resumes it (from `<out>.partial`) or returns it as it is, under the same settings only; under others (a
-    different model, input or config) it would hand back, or continue, records of another experiment."""
+    different model, input or config) it would hand back, or continue, records of another experiment.
+
+    `companions`: the names of other files the stage writes beside `out` and resumes from (the prompts stage's
+    `<stem>_attempts.jsonl`), each with its `.partial`: the output is started over only when all are gone."""
     sidecar = out.with_name(out.name + ".settings.json")
-    partial = out.with_name(out.name + ".partial")
-    if not out.exists() and not partial.exists():
+    files = [out, *(out.with_name(name) for name in companions)]
+    files = [f for base in files for f in (base, base.with_name(base.name + ".partial"))]
+    start_over = f"delete {' and '.join(f.name for f in files)} to start over"
+    if not any(f.exists() for f in files):
         sidecar.unlink(missing_ok=True)  # nothing left to continue: what it said no longer applies
     elif not sidecar.exists():
         raise RunDirError(f"{out}: exists, and no {sidecar.name} says what made it, so it cannot be told apart from "
-                          f"{what} of other settings; use another --out, or delete {out.name} (and "
-                          f"{partial.name}) to start over")
-    pin_settings(sidecar, settings, what, holder=out, start_over=f"delete {out.name} (and {partial.name}) to start "
-                                                                 "over")
+                          f"{what} of other settings; use another --out, or {start_over}")
+    pin_settings(sidecar, settings, what, holder=out, start_over=start_over)
