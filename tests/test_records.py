@@ -138,3 +138,30 @@ def test_a_judgment_holds_a_score_of_the_rubric_or_none(tmp_path, field, value):
     path.write_text(json.dumps({**row, field: value}) + "\n")
     with pytest.raises(InputError, match=rf":1: field '{field}'"):
         read_jsonl(path, Judgment)
+
+
+def test_a_damaged_line_with_records_after_it_is_refused_not_dropped(tmp_path):
+    # Recovery stopped at the first bad line and rewrote the file without it and every record after it, silently.
+    path = tmp_path / "candidates.jsonl"
+    RecordLog(path, Candidate).append([cand(0), cand(1)])
+    partial = path.with_name(path.name + ".partial")
+    lines = partial.read_text().splitlines(True)
+    partial.write_text(lines[0] + '{"garbage\n' + lines[1])
+    before = partial.read_text()
+    with pytest.raises(InputError, match=r"candidates.jsonl.partial:2: not a whole Candidate record, and records "
+                                         r"follow it"):
+        RecordLog(path, Candidate)
+    assert partial.read_text() == before  # nothing lost while the user looks
+    partial.write_text(lines[0] + "\n\n" + '{"garbage\n')  # blank lines, then a bad last line: a torn tail
+    assert RecordLog(path, Candidate).done == {"c0"} and partial.read_text() == lines[0] + "\n\n"
+
+
+def test_records_two_writers_both_appended_are_kept_once(tmp_path):
+    path = tmp_path / "candidates.jsonl"
+    log = RecordLog(path, Candidate)
+    log.append([cand(0), cand(1)])
+    with open(log.partial, "a") as f:  # what a second process appending the same batch leaves
+        f.write(log.partial.read_text())
+    log = RecordLog(path, Candidate)
+    assert [r.id for r in log.finish()] == ["c0", "c1"]
+    assert [r.id for r in read_jsonl(path, Candidate)] == ["c0", "c1"]  # no duplicate id in the published file

@@ -309,26 +309,52 @@ class RecordLog:
         self.done = {r.id for r in self.records}
 
     def _recover(self) -> None:
-        good = b""
+        """Keep the complete records of `.partial`, drop a last line a kill cut (or left unreadable), and refuse a
+        bad line that records follow: that is damage, or two writers, not a kill, and dropping what follows it
+        would lose records without a word. A record whose id came before (two writers) is dropped."""
+        end, torn, seen, duplicates = 0, None, set(), False
         with open(self.partial, "rb") as f:
-            for raw in f:
-                if not raw.endswith(b"\n"):
-                    break  # the write a kill interrupted
-                try:
-                    self.records.append(self.model.model_validate_json(raw))
-                except ValidationError:
-                    break
-                good += raw
-        # Rewrite without the torn tail so later appends start on a clean line; by rename, so that a kill now
-        # leaves the records as they were rather than an emptied file.
-        if len(good) < self.partial.stat().st_size:
+            for number, raw in enumerate(f, start=1):
+                if torn is not None:
+                    if raw.strip():
+                        raise InputError(
+                            f"not a whole {self.model.__name__} record, and records follow it: the file was damaged or "
+                            "written by two processes at once; mend the line, or delete the file to redo its work",
+                            path=self.partial, line=torn)
+                    continue
+                if not raw.strip() and raw.endswith(b"\n"):  # blank, as read_jsonl allows
+                    end += len(raw)
+                    continue
+                record = None
+                if raw.endswith(b"\n"):
+                    try:
+                        record = self.model.model_validate_json(raw)
+                    except ValidationError:
+                        pass
+                if record is None:
+                    torn = number  # the write a kill interrupted, if nothing follows
+                    continue
+                end += len(raw)
+                if record.id in seen:
+                    duplicates = True
+                    continue
+                seen.add(record.id)
+                self.records.append(record)
+        if duplicates:
+            # Rewritten by rename, so that a kill now leaves the records as they were rather than an emptied file.
             tmp = self.partial.with_name(self.partial.name + ".tmp")
             with open(tmp, "wb") as f:
-                f.write(good)
+                f.write("".join(dumps(r) + "\n" for r in self.records).encode("utf-8"))
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.partial)
             fsync_dir(self.partial.parent)
+        elif end < self.partial.stat().st_size:
+            # Cut the torn tail so later appends start on a clean line: in place, needing no free space.
+            with open(self.partial, "r+b") as f:
+                f.truncate(end)
+                f.flush()
+                os.fsync(f.fileno())
 
     def append(self, records: Iterable[R]) -> None:
         new = [r for r in records if r.id not in self.done]
