@@ -153,8 +153,8 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
     """
     found = verdicts(text)
     if not found:
-        if SCORE_PATTERN.search(text):
-            part = SCORE_PATTERN.search(text)
+        part = SCORE_PATTERN.search(text)
+        if part:
             line_start = text.rfind("\n", 0, part.start()) + 1
             return None, f"scores of parts only, no verdict 'Score: N' ({text[line_start : part.end()].strip()[:60]})"
         if re.search(r"score\s*:\s*<\s*total", text, re.IGNORECASE):
