@@ -3,8 +3,8 @@
 Each call shows the model 8 example tasks (paper: 6 from the human seed, 2 written by the model in this
 iteration) and lets it continue the list with one more. The result passes the Self-Instruct filters:
 length bounds, a keyword filter for tasks a text model cannot do, and ROUGE-L similarity to every prompt
-already known, earlier iterations' included (drop if > 0.7). Every attempt is recorded with its fate, so the summary can say how many
-were generated, kept, and dropped for which reason.
+already known, earlier iterations' included (drop if > 0.7). Every attempt is recorded with its fate, so the
+summary can say how many were generated, kept, and dropped for which reason.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def clean(text: str) -> str:
 # word characters is one, whatever its script.
 _UNSPACED = "\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
 _TOKEN = re.compile(rf"[{_UNSPACED}]|[^\W{_UNSPACED}]+")
-_WORD = re.compile(rf"[{_UNSPACED}]|[^\s{_UNSPACED}]+")  # what the length bounds count: split(), but for those
+_WORD = re.compile(rf"[{_UNSPACED}]|[^\s{_UNSPACED}]+")  # the length bounds' words: split()'s, a letter each there
 
 
 class _Words:

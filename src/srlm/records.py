@@ -262,12 +262,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
     A refused write (disk full, read-only directory) raises OutputError and leaves no temp file behind.
     """
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """`atomic_write_text` for bytes (a plot)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -341,14 +346,7 @@ class RecordLog:
                 seen.add(record.id)
                 self.records.append(record)
         if duplicates:
-            # Rewritten by rename, so that a kill now leaves the records as they were rather than an emptied file.
-            tmp = self.partial.with_name(self.partial.name + ".tmp")
-            with open(tmp, "wb") as f:
-                f.write("".join(dumps(r) + "\n" for r in self.records).encode("utf-8"))
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.partial)
-            fsync_dir(self.partial.parent)
+            write_jsonl(self.partial, self.records)  # by rename: a kill now leaves the records as they were
         elif end < self.partial.stat().st_size:
             # Cut the torn tail so later appends start on a clean line: in place, needing no free space.
             with open(self.partial, "r+b") as f:

@@ -49,11 +49,13 @@ def _run_excludes_flagged(run: RunDir) -> bool:
 
 def _save(fig, path: Path) -> None:
     """The figure as a PNG at `path`, whole or not at all (a kill mid-write leaves the previous plot)."""
-    import os
+    import io
 
-    part = Path(path).with_name(Path(path).name + ".tmp")
-    fig.savefig(part, dpi=100, format="png")
-    os.replace(part, path)
+    from .records import atomic_write_bytes
+
+    png = io.BytesIO()
+    fig.savefig(png, dpi=100, format="png")
+    atomic_write_bytes(path, png.getvalue())
 
 
 def plot(stats: dict[int, dict], path: Path) -> Path:

@@ -36,6 +36,14 @@ def versions() -> dict[str, str]:
     return out
 
 
+def first_process() -> bool:
+    """Whether this process is rank 0 of an `accelerate launch` (or runs alone): the one that guards and pins
+    what all the ranks share."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
 class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -115,7 +123,7 @@ class RunDir:
         import fcntl
         import os
 
-        if os.environ.get("RANK", "0") != "0":
+        if not first_process():
             return
         handle = open(self.root / ".lock", "a+", encoding="utf-8")
         try:

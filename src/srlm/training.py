@@ -139,9 +139,9 @@ def pin_training(work_dir: Path, section: str, config, rows: list, **models: Pat
 
     from .config import flat_keys
     from .models import fingerprint
-    from .rundir import pin_settings
+    from .rundir import first_process, pin_settings
 
-    if os.environ.get("RANK", "0") != "0":
+    if not first_process():
         return
     digest = hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
     settings = {name: fingerprint(path) for name, path in models.items() if path is not None}

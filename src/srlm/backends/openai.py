@@ -109,14 +109,13 @@ class OpenAIGenerator:
         else:
             url, body["prompt"] = f"{self.base_url}/completions", request
         data = self._post(url, body, stop)
+        field = "choices[0].message.content" if chat else "choices[0].text"
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if chat else choice["text"]
         except (KeyError, IndexError, TypeError):
-            field = "choices[0].message.content" if chat else "choices[0].text"
             raise ModelError(f"{url}: unexpected response without {field}: {json.dumps(data)[:300]}")
         if not isinstance(text, (str, type(None))):
-            field = "choices[0].message.content" if chat else "choices[0].text"
             raise ModelError(f"{url}: {field} is not text: {json.dumps(data)[:300]}")
         # Servers differ on stop strings (some keep the stop text, some ignore `stop` on /completions): cut here too,
         # as the hf backend cuts (at the earliest stop found).
