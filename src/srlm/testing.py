@@ -76,10 +76,11 @@ def tiny_overrides(model: Path, ift: Path, eft: Path, template: Path) -> list[st
         "sft.learning_rate=0.005", "sft.min_learning_rate=0.002", "sft.epochs=60", "sft.batch_size=8",
         "sft.micro_batch_size=8", "sft.save_steps=5", "sft.max_length=512",
         f"judge.template={template}",
+        # The SFT above leaves the tiny model so sure of itself that at the paper's temperatures its samples are often
+        # one text: no pair to learn from among the candidates, and on some CPUs (AMD EPYC) no new prompt at all in
+        # iteration 2 (all "3", which iteration 1 kept). Prompts and candidates sample from the whole distribution.
         "prompts.num_prompts=4", "prompts.max_new_tokens=12", "prompts.min_words=1", "prompts.rouge_l_max=0.95",
-        "prompts.blocked_keywords=[]", "prompts.max_attempts_factor=8",
-        # The SFT above leaves the tiny model so sure of itself that at T=0.7, top-p 0.9 its N samples are often one
-        # text (no pair to learn from): sample candidates from the whole distribution.
+        "prompts.blocked_keywords=[]", "prompts.max_attempts_factor=8", "prompts.temperature=1.0", "prompts.top_p=1.0",
         "candidates.n=3", "candidates.max_new_tokens=8", "candidates.temperature=1.0", "candidates.top_p=1.0",
         "judge.k=2", "judge.max_new_tokens=16",
         "judge.max_failure_rate=1.0", "generation.batch_size=8",
