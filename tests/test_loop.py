@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from transformers import AutoModelForCausalLM
 
 from conftest import tiny_config, tiny_overrides
@@ -228,13 +229,39 @@ def test_resume_may_extend_iterations_but_not_change_the_method(reference_run, t
     root, _, config = reference_run
     copy = tmp_path / "run"
     shutil.copytree(root, copy)
-    with pytest.raises(RunDirError, match=r"candidates.n differ"):
+    with pytest.raises(RunDirError, match=rf"candidates.n: {config.candidates.n} -> 4"):
         run(config.model_copy(update={"candidates": config.candidates.model_copy(update={"n": 4})}), copy, resume=True)
     summary = run(config.model_copy(update={"iterations": 3}), copy, resume=True)
     assert sorted(summary["iterations"]) == [1, 2, 3]
     assert (copy / "models" / "M4" / "model.safetensors").exists()
     assert "iterations: 3" in (copy / "config.yaml").read_text()
     assert artifacts(copy) == artifacts(root)  # iterations 1 and 2 untouched
+
+
+def test_config_yaml_edited_by_hand_is_held_to_the_rules_of_set(reference_run, tmp_path):
+    # Resume used to read config.yaml as both the run's config and the one asked for, so a hand edit of candidates.n
+    # went through unseen and the next iteration mixed two experiments.
+    import shutil
+
+    from srlm.config import load_config
+    from srlm.errors import RunDirError
+
+    root, _, config = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    edit = lambda section, key, value: (copy / "config.yaml").write_text(
+        yaml.safe_dump({**saved, section: {**saved[section], key: value}}))
+    edit("candidates", "n", config.candidates.n + 1)
+    with pytest.raises(RunDirError, match=rf"candidates.n: {config.candidates.n} -> {config.candidates.n + 1}"):
+        run(load_config(copy / "config.yaml"), copy, resume=True)
+    # What --set may change, an edit may too; it is recorded as the run's config from then on.
+    edit("judge", "max_failure_rate", 0.75)
+    run(load_config(copy / "config.yaml"), copy, resume=True)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["config"]["judge"]["max_failure_rate"] == 0.75
+    assert manifest["config"]["candidates"]["n"] == config.candidates.n
+    assert artifacts(copy) == artifacts(root)
 
 
 def test_a_second_srlm_on_the_same_run_directory_is_refused(reference_run, tmp_path):

@@ -25,12 +25,13 @@ import sys
 import time
 from pathlib import Path
 
+import pydantic
 import yaml
 
 from . import h2h, ifeval, models
 from .backends import capped_batch_size, close, make_generator, resolve_batch_size
 from .candidates import respond, respond_options, truncation_warning
-from .config import RunConfig, config_to_yaml, flat_keys
+from .config import RunConfig, flat_keys
 from .dpo import train_dpo
 from .errors import JudgeIntegrityError, ModelError, RunDirError
 from .evaluation import first_prompts, load_ranked, measure_judge
@@ -50,7 +51,7 @@ from .records import (
     write_jsonl,
 )
 from .report import format_eval_table, plot, plot_eval, read_eval
-from .rundir import RunDir
+from .rundir import RunDir, text_digest
 from .seed import load_eft, load_ift
 from .sft import train_sft
 from .summary import format_table, iteration_stats
@@ -85,23 +86,25 @@ class Run:
 
     def _open(self, config: RunConfig, root: Path, resume: bool) -> None:
         if resume:
-            self.dir.open()
+            manifest = self.dir.open()
             self.dir.lock()
-            saved = RunConfig.model_validate(yaml.safe_load(self.dir.config_path.read_text(encoding="utf-8")))
+            recorded = self._recorded_config(manifest)
             # Evaluation settings never change what the method wrote; they apply to models not yet evaluated.
-            changed = _changed_keys(saved, config)
-            if {k for k in changed if not k.startswith("eval.")} - RESUMABLE_CHANGES:
+            changed = _changed_keys(recorded, config)
+            if refused := {k for k in changed if not k.startswith("eval.")} - RESUMABLE_CHANGES:
+                fa, fb = flat_keys(recorded), flat_keys(config)
+                shown = "; ".join(f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(refused))
                 raise RunDirError(
-                    f"{root}: this run was made with a different config ({', '.join(sorted(changed))} differ); "
-                    f"on resume only {', '.join(sorted(RESUMABLE_CHANGES))} may change, since the others would "
-                    "not match the artifacts already written. Start a new run for the rest"
+                    f"{root}: this run was made with a different config ({shown}; from config.yaml or --set); on "
+                    f"resume only {', '.join(sorted(RESUMABLE_CHANGES))} and eval.* may change, since the others "
+                    "would not match the artifacts already written. Start a new run for the rest"
                 )
+            self._check_template(manifest, config)
             if changed:
                 # Checked before it is saved: a typo in a --set would otherwise stay in config.yaml and fail every
                 # later plain --resume the same way.
-                load_template(config.judge.template)
                 self._eval_sets()
-                atomic_write_text(self.dir.config_path, config_to_yaml(config))
+                self.dir.record_config(config)
         else:
             # Validate every input at the door, so that a typo never leaves a half-made run directory behind.
             self.template = load_template(config.judge.template)
@@ -113,8 +116,30 @@ class Run:
             if config.generation.batch_size == "auto":
                 # Fixed once and recorded in config.yaml: every stage plans (and a resume replans) the same batches.
                 config.generation.batch_size = resolve_batch_size(config, models.resolve(config.model))
-            self.dir.create(config)
+            self.dir.create(config, template=self.template)
             self.dir.lock()
+
+    def _recorded_config(self, manifest: dict) -> RunConfig:
+        """The config this run was last accepted under: the manifest's copy (config.yaml may have been edited since),
+        or config.yaml itself for a run made before the manifest kept one."""
+        try:
+            if "config" in manifest:
+                return RunConfig.model_validate(manifest["config"])
+            return RunConfig.model_validate(yaml.safe_load(self.dir.config_path.read_text(encoding="utf-8")))
+        except (pydantic.ValidationError, OSError, yaml.YAMLError) as e:
+            raise RunDirError(f"{self.dir.manifest_path}: the config recorded for this run cannot be read back "
+                              f"({type(e).__name__}: {str(e).splitlines()[0]})")
+
+    def _check_template(self, manifest: dict, config: RunConfig) -> None:
+        """The judge prompt's text is part of the method (the EFT data and every judgment used it), and a file can
+        change under the same judge.template path; a run that recorded its digest resumes only with that text."""
+        self.template = load_template(config.judge.template)
+        recorded = manifest.get("judge_template_sha256")
+        if recorded is not None and recorded != text_digest(self.template):
+            where = config.judge.template or "the built-in paper prompt"
+            raise RunDirError(f"{where}: the judge prompt is not the text this run began with (its sha256 was "
+                              f"{recorded[:12]}..., now {text_digest(self.template)[:12]}...); the run's judgments "
+                              "and EFT training used the earlier text. Restore it, or start a new run")
 
     @staticmethod
     def _check_backends(config: RunConfig) -> None:

@@ -1,7 +1,8 @@
 """The run directory: resolved config, manifest, and the paths of every artifact.
 
     RUN/config.yaml                 the resolved config (what `--resume` runs with)
-    RUN/manifest.json               versions, seed, and per stage: status, counts, seconds
+    RUN/manifest.json               versions, seed, the config as last accepted and the judge prompt's digest, and
+                                    per stage: status, counts, seconds
     RUN/data/{ift,eft}.jsonl        the seed data this run trained on (a snapshot)
     RUN/models/M1, M2, ...          checkpoints, Hugging Face layout, safetensors (models/SFT: the SFT baseline)
     RUN/iter_<t>/prompts.jsonl      AIFT data made by M(t): prompts, candidates, judgments, pairs
@@ -24,6 +25,12 @@ from .records import atomic_write_text
 
 FORMAT_VERSION = 1
 TRACKED_PACKAGES = ("srlm", "torch", "transformers", "trl", "accelerate", "datasets", "pydantic")
+
+
+def text_digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def versions() -> dict[str, str]:
@@ -71,7 +78,7 @@ class RunDir:
         return self.root / "data" / f"{name}.jsonl"
 
     # lifecycle
-    def create(self, config: RunConfig) -> None:
+    def create(self, config: RunConfig, *, template: str | None = None) -> None:
         if self.manifest_path.exists():
             raise RunDirError(f"{self.root}: already holds a run; continue it with `srlm run --resume {self.root}` "
                               "or choose another --out")
@@ -91,8 +98,20 @@ class RunDir:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "seed": config.seed,
             "versions": versions(),
+            # The config this run's artifacts were made under, kept where editing config.yaml by hand does not
+            # reach: a resume compares the config it is given (config.yaml, --set) with this one.
+            "config": config.model_dump(mode="json"),
+            **({} if template is None else {"judge_template_sha256": text_digest(template)}),
             "stages": {},
         })
+
+    def record_config(self, config: RunConfig) -> None:
+        """Accept `config` as this run's from now on (a resume that changed what may change): in config.yaml, for
+        the next `--resume`, and in the manifest, for comparing it with."""
+        atomic_write_text(self.config_path, config_to_yaml(config))
+        manifest = self.read_manifest()
+        manifest["config"] = config.model_dump(mode="json")
+        self.write_manifest(manifest)
 
     def open(self) -> dict:
         if not self.root.is_dir():
