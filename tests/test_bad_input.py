@@ -53,12 +53,30 @@ def stage_files(tmp: Path, *, candidate_prompt="p", judged_candidate="c0") -> li
             "--judgments", str(tmp / "j.jsonl"), "--out", str(tmp / "pairs.jsonl")]
 
 
-def made_run(tmp: Path, edit_manifest=None) -> Path:
+def made_run(tmp: Path, edit_manifest=None, *, config: RunConfig | None = None, template: str | None = None) -> Path:
     root = tmp / "made"
-    RunDir(root).create(RunConfig())
+    RunDir(root).create(config or RunConfig(), template=template)
     if edit_manifest:
         path = root / "manifest.json"
         path.write_text(edit_manifest(path.read_text()))
+    return root
+
+
+def edited_config(root: Path) -> Path:
+    path = root / "config.yaml"
+    text = path.read_text()
+    assert "\n  n: 4\n" in text
+    path.write_text(text.replace("\n  n: 4\n", "\n  n: 6\n"))
+    return root
+
+
+def changed_template(tmp: Path) -> Path:
+    from srlm.judging import load_template
+
+    template = put(tmp, "judge.txt", "Judge this.\n<INSTRUCTION_HERE>\n<RESPONSE_HERE>\nScore: <total points>")
+    config = RunConfig.model_validate({"judge": {"template": str(template)}})
+    root = made_run(tmp, config=config, template=load_template(template))
+    template.write_text(template.read_text().replace("Judge this.", "Judge this strictly."))
     return root
 
 
@@ -191,7 +209,14 @@ CASES = [
     ("resume a non-run", lambda t: ["run", "--resume", str(t)], 5, ["not a srlm run directory"]),
     ("resume a missing directory", lambda t: ["run", "--resume", str(t / "nope")], 5, ["not a srlm run directory"]),
     ("resume with another config", lambda t: ["run", "--resume", str(made_run(t)), "--set", "candidates.n=6"], 5,
-     ["different config", "candidates.n"]),
+     ["different config", "candidates.n: 4 -> 6"]),
+    ("resume a run from before the manifest kept its config", lambda t: [
+        "run", "--resume", str(made_run(t, lambda m: json.dumps({k: v for k, v in json.loads(m).items() if k != "config"}))),
+        "--set", "candidates.n=6"], 5, ["different config", "candidates.n: 4 -> 6"]),
+    ("config.yaml edited by hand", lambda t: ["run", "--resume", str(edited_config(made_run(t)))], 5,
+     ["different config", "candidates.n: 4 -> 6", "from config.yaml"]),
+    ("judge prompt file changed since the run began", lambda t: ["run", "--resume", str(changed_template(t))], 5,
+     ["judge.txt: the judge prompt is not the text this run began with", "Restore it"]),
     ("run from another format version", lambda t: ["run", "--resume", str(made_run(
         t, lambda m: m.replace('"format_version": 1', '"format_version": 99')))], 5, ["run format 99"]),
     ("manifest not an object", lambda t: ["run", "--resume", str(made_run(t, lambda m: "[1, 2]"))], 5,
@@ -305,3 +330,45 @@ def test_a_refused_write_deep_in_a_library_is_a_clear_error(monkeypatch, capsys)
     err = capsys.readouterr().err
     assert "M1.saving/model.safetensors: cannot write: No space left on device" in err
     assert "--resume" in err
+
+
+# -- inputs that cannot be read: exit 4 (exit 3 for a config file), named as inputs ------------------------
+
+def _refuse_reading(monkeypatch, path: Path):
+    """Make reading `path` fail with EACCES as the OS would for a file the user may not read (root ignores chmod)."""
+    real_open = open
+
+    def refusing_open(file, mode="r", *args, **kwargs):
+        if "r" in mode and Path(file) == path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(file))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(srlm.records, "open", refusing_open, raising=False)
+
+
+@pytest.mark.parametrize("build", [
+    lambda t: stage_files(t),  # a JSONL of records
+    lambda t: ["data", "import", "--from", "alpaca", "--to", "ift", str(t / "ift.jsonl"), str(t / "p.jsonl")],
+    lambda t: ["eval", "judge", "--model", "embedded:smollm2-135m-instruct", "--data", str(t / "p.jsonl"),
+               "--out", str(t / "ev")],
+    lambda t: ["eval", "h2h", "--a-outputs", str(t / "p.jsonl"), "--b-outputs", str(t / "p.jsonl"), "--prompts",
+               str(t / "p.jsonl"), "--judge", "embedded:smollm2-135m-instruct", "--out", str(t / "h2h")],
+], ids=["records", "import", "ranked replies", "head-to-head prompts"])
+def test_an_input_the_user_may_not_read_is_an_input_error(build, tmp_path, monkeypatch, capsys):
+    # Reported as "cannot write" (exit 8) before: main() took every EACCES for a refused output.
+    argv = build(tmp_path)
+    stage_files(tmp_path)
+    _refuse_reading(monkeypatch, tmp_path / "p.jsonl")
+    assert main(argv) == 4
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'p.jsonl'}: cannot read: Permission denied (expected " in err
+    assert "cannot write" not in err and "Traceback" not in err
+
+
+def test_a_config_file_the_user_may_not_read_is_a_config_error(tmp_path, monkeypatch, capsys):
+    path = put(tmp_path, "c.yaml", "seed: 3\n")
+    real = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: (_ for _ in ()).throw(
+        PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))) if self == path else real(self, *a, **k))
+    assert main(["config", "--config", str(path)]) == 3
+    assert f"{path}: cannot read the config file: Permission denied" in capsys.readouterr().err

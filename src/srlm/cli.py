@@ -753,7 +753,9 @@ def main(argv: list[str] | None = None) -> int:
         # A write refused deep inside a library (a Trainer checkpoint, a tokenizer file): still the user's to fix.
         if e.errno not in WRITE_ERRNOS:
             raise
-        print(f"srlm: error: {e.filename or 'output'}: cannot write: {e.strerror}; complete stages and records "
+        # Permission errors come from reads too (a model directory's files, deep in transformers): not "write".
+        verb = "cannot write" if e.errno not in (errno.EACCES, errno.EPERM) else "cannot read or write"
+        print(f"srlm: error: {e.filename or 'output'}: {verb}: {e.strerror}; complete stages and records "
               "are kept, rerun (or `srlm run --resume DIR`) after fixing it", file=sys.stderr)
         return OutputError.exit_code
     except KeyboardInterrupt:

@@ -316,6 +316,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found")
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file: {e.strerror or e}")
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: invalid UTF-8 at byte {e.start}")
     try:

@@ -36,7 +36,7 @@ from statistics import mean
 from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from .errors import InputError
-from .records import Candidate, Prompt, Record, read_jsonl
+from .records import Candidate, Prompt, Record, open_input, read_jsonl
 
 TIE_CONVENTION = ("judge ties count as disagreement in pairwise accuracy and exact match; their share is "
                   "judge_tie_rate; pairs of replies humans tie count in neither (any judge order of them matches); "
@@ -153,10 +153,7 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
     """Ranked replies from our schema, the oasst2-srlm export, pairwise labels or preference pairs (told apart
     by the first line's fields); `split` is eval, train or all (by prompt id: for pairs, by pair id)."""
     path = Path(path)
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "file not found"
-        raise InputError(f"{what} (expected a JSONL file of ranked replies or pairwise labels)", path=path)
-    with open(path, "rb") as f:
+    with open_input(path, "a JSONL file of ranked replies or pairwise labels") as f:
         first = f.readline().removeprefix(b"\xef\xbb\xbf")
     try:
         keys = set(json.loads(first))

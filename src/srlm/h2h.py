@@ -43,7 +43,7 @@ import numpy as np
 from .backends import Generator, SamplingParams, batch_params, close, plan_batches
 from .errors import ConfigError, InputError, RunDirError
 from .judging import fill_slots, read_slotted_template
-from .records import Record, RecordLog, atomic_write_text, write_jsonl
+from .records import Record, RecordLog, atomic_write_text, read_input, write_jsonl
 from .rundir import pin_settings
 
 INSTRUCTION_SLOT = "<INSTRUCTION_HERE>"
@@ -127,11 +127,7 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
     """(where, object) for every row of a JSON array or a JSONL file; `where` names the line or array item."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError("file not found", path=path)
-    except IsADirectoryError:
-        raise InputError("is a directory (expected a JSON or JSONL file)", path=path)
+        text = read_input(path, "a JSON or JSONL file").decode("utf-8")
     except UnicodeDecodeError as e:
         raise InputError(f"invalid UTF-8 at byte {e.start}", path=path)
     rows: list[tuple[str, dict]] = []

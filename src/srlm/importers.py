@@ -44,7 +44,7 @@ from .errors import InputError, SrlmError
 from .evaluation import RankedReply, as_stage_records
 from .judging import judge, verdicts
 from .pairs import candidate_scores
-from .records import EFTExample, IFTExample, Judgment, Prompt, Record, describe_error, parse_line
+from .records import EFTExample, IFTExample, Judgment, Prompt, Record, describe_error, parse_line, read_input
 from .validate import MAX_SCORE_SHARE, normalise
 
 TARGETS = ("ift", "eft", "prompts")
@@ -233,11 +233,7 @@ def _array_objects(path: Path, data: bytes) -> list[tuple[Loc, dict]]:
 
 
 def _read_objects(path: Path, fmt: str, arrays: bool) -> list[tuple[Loc, dict]]:
-    if not path.exists():
-        raise InputError(f"file not found (expected a file in {fmt} format)", path=path)
-    if path.is_dir():
-        raise InputError(f"is a directory (expected a file in {fmt} format)", path=path)
-    data = path.read_bytes()
+    data = read_input(path, f"a file in {fmt} format")
     start = data.lstrip()[:1]
     if start == b"[":
         if not arrays:

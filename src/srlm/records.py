@@ -118,8 +118,28 @@ R = TypeVar("R", bound=Record)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
-def _iter_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    with open(path, "rb") as f:
+def open_input(path: str | os.PathLike, expected: str):
+    """`path` opened for reading (binary), or an InputError that says why not and what was `expected` there. A file
+    the user may not read is an input to fix, not (as main()'s catch-all for EACCES would say) an output that
+    cannot be written."""
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise InputError(f"file not found (expected {expected})", path=path)
+    except IsADirectoryError:
+        raise InputError(f"is a directory (expected {expected})", path=path)
+    except OSError as e:
+        raise InputError(f"cannot read: {e.strerror or e} (expected {expected})", path=path)
+
+
+def read_input(path: str | os.PathLike, expected: str) -> bytes:
+    """The bytes of an input file, or the InputError `open_input` gives."""
+    with open_input(path, expected) as f:
+        return f.read()
+
+
+def _iter_lines(path: Path, model: type[Record]) -> Iterator[tuple[int, bytes]]:
+    with open_input(path, f"a JSONL file of {model.__name__} records") as f:
         yield from enumerate(f, start=1)
 
 
@@ -169,19 +189,11 @@ def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
         raise InputError(message, path=path, line=number, field=field)
 
 
-def _check_path(path: Path, model: type[Record]) -> None:
-    if not path.exists():
-        raise InputError(f"file not found (expected a JSONL file of {model.__name__} records)", path=path)
-    if path.is_dir():
-        raise InputError(f"is a directory (expected a JSONL file of {model.__name__} records)", path=path)
-
-
 def scan_jsonl(path: str | os.PathLike, model: type[R]) -> Iterator[tuple[int, R | InputError]]:
     """Every non-blank line as (line number, record or the InputError it raised): for reports of all errors."""
     path = Path(path)
-    _check_path(path, model)
     seen: dict[str, int] = {}
-    for number, raw in _iter_lines(path):
+    for number, raw in _iter_lines(path, model):
         try:
             record = parse_line(path, number, raw, model)
         except InputError as e:
