@@ -372,3 +372,22 @@ def test_a_config_file_the_user_may_not_read_is_a_config_error(tmp_path, monkeyp
         PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))) if self == path else real(self, *a, **k))
     assert main(["config", "--config", str(path)]) == 3
     assert f"{path}: cannot read the config file: Permission denied" in capsys.readouterr().err
+
+
+def test_a_full_disk_under_safetensors_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    # safetensors (every checkpoint save) raises its own SafetensorError, not OSError: a traceback before.
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    def trainer_save(args):
+        raise SafetensorError(f'Error while serializing: I/O error: No space left on device (os error 28) at path '
+                              f'"{tmp_path}/M1.saving/.tmpK3x9Qa"')
+
+    monkeypatch.setattr("srlm.cli.cmd_config", trainer_save)
+    assert main(["config"]) == 8
+    err = capsys.readouterr().err
+    assert f"{tmp_path}/M1.saving: cannot write: No space left on device" in err and "Traceback" not in err
+    # The message's form, from safetensors itself (a missing directory: errno 2, not a refused write, re-raised).
+    monkeypatch.setattr("srlm.cli.cmd_config", lambda args: save_file({}, str(tmp_path / "no" / "x.safetensors")))
+    with pytest.raises(SafetensorError, match=r"\(os error 2\) at path"):
+        main(["config"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -733,6 +734,27 @@ def _quiet_libraries() -> None:
         pass
 
 
+def _wrapped_os_error(error: Exception) -> OSError | None:
+    """The OS error inside a library's own exception type: safetensors (every checkpoint save) raises SafetensorError
+    '... No space left on device (os error 28) at path "DIR/.tmpXXXX"' where Python libraries raise OSError."""
+    if type(error).__name__ != "SafetensorError":
+        return None
+    found = re.search(r"\(os error (\d+)\)(?: at path \"([^\"]+)\")?", str(error))
+    if found is None:
+        return None
+    code, path = int(found.group(1)), found.group(2)
+    # The path is safetensors' temporary file; the directory it was writing into is what the user knows.
+    return OSError(code, os.strerror(code), str(Path(path).parent) if path else None)
+
+
+def _refused(e: OSError) -> int:
+    # Permission errors come from reads too (a model directory's files, deep in transformers): not "write".
+    verb = "cannot write" if e.errno not in (errno.EACCES, errno.EPERM) else "cannot read or write"
+    print(f"srlm: error: {e.filename or 'output'}: {verb}: {e.strerror}; complete stages and records "
+          "are kept, rerun (or `srlm run --resume DIR`) after fixing it", file=sys.stderr)
+    return OutputError.exit_code
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.func not in (cmd_pairs, cmd_config, cmd_data_validate, cmd_report):
@@ -753,11 +775,11 @@ def main(argv: list[str] | None = None) -> int:
         # A write refused deep inside a library (a Trainer checkpoint, a tokenizer file): still the user's to fix.
         if e.errno not in WRITE_ERRNOS:
             raise
-        # Permission errors come from reads too (a model directory's files, deep in transformers): not "write".
-        verb = "cannot write" if e.errno not in (errno.EACCES, errno.EPERM) else "cannot read or write"
-        print(f"srlm: error: {e.filename or 'output'}: {verb}: {e.strerror}; complete stages and records "
-              "are kept, rerun (or `srlm run --resume DIR`) after fixing it", file=sys.stderr)
-        return OutputError.exit_code
+        return _refused(e)
+    except Exception as e:
+        if (inner := _wrapped_os_error(e)) is None or inner.errno not in WRITE_ERRNOS:
+            raise
+        return _refused(inner)
     except KeyboardInterrupt:
         print("srlm: interrupted; `srlm run --resume DIR` continues a run where it stopped", file=sys.stderr)
         return 130
