@@ -216,3 +216,21 @@ def test_prompts_started_over_only_when_their_attempts_are_gone_too(tiny_model, 
     assert "prompts.temperature: 0.6 -> 1.5" in err and "pr_attempts.jsonl" in err
     (tmp_path / "pr_attempts.jsonl").unlink()
     assert main([*prompts, "--set", "prompts.temperature=1.5"]) == 0
+
+
+def test_a_judge_output_is_pinned_to_the_text_of_its_prompt_file(tiny_model, tmp_path, capsys):
+    # judge.template is a path: editing the file kept every setting equal, and a rerun continued under the new text.
+    from conftest import FIXTURES
+    from srlm.records import Candidate, Prompt, write_jsonl
+
+    write_jsonl(tmp_path / "p.jsonl", [Prompt(id="p", text="Say hi.", iteration=1)])
+    write_jsonl(tmp_path / "c.jsonl", [Candidate(id="c0", prompt_id="p", index=0, text="Hi!")])
+    template = tmp_path / "judge.txt"
+    template.write_text((FIXTURES / "short_judge_template.txt").read_text())
+    judge = ["judge", "--model", str(tiny_model), "--prompts", str(tmp_path / "p.jsonl"), "--candidates",
+             str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "j.jsonl"), "--set", f"judge.template={template}",
+             "--set", "judge.k=1", "--set", "judge.max_new_tokens=8", "--set", "judge.max_failure_rate=1"]
+    assert main(judge) == 0
+    template.write_text("Be strict. " + template.read_text())
+    assert main(judge) == 5
+    assert "holds judgments made with other settings (judge.template_sha256: " in capsys.readouterr().err

@@ -453,20 +453,24 @@ def test_cli_usage_errors_exit_2(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
-def test_cli_ranked_to_eft(tmp_path, capsys, monkeypatch):
+def test_cli_ranked_to_eft(tiny_model, tmp_path, capsys, monkeypatch):
     import srlm.cli
 
     monkeypatch.setattr(srlm.cli, "_generator", lambda args, config: ScriptedJudge(SCRIPT))
     out = tmp_path / "eft.jsonl"
-    code = main(["data", "import", "--from", "ranked", str(DATA / "ranked.jsonl"), "--to", "eft", str(out),
-                 "--model", "unused", "--set", "judge.k=2", "--set", "generation.batch_size=8"])
-    assert code == 0
+    argv = ["data", "import", "--from", "ranked", str(DATA / "ranked.jsonl"), "--to", "eft", str(out),
+            "--model", str(tiny_model), "--set", "judge.k=2", "--set", "generation.batch_size=8"]
+    assert main(argv) == 0
     assert len(read_jsonl(tmp_path / "eft.judgments.jsonl", Judgment)) == 14
     # Scores 5, 3, 1 (q-boil) and 4, 1 (q-hill): the two 1s would be 40% of the set, so one goes.
     assert sorted(e.score for e in read_jsonl(out, EFTExample)) == [1, 3, 4, 5]
     err = capsys.readouterr().err
     assert "read 3 prompts, kept 2, dropped 1" in err and "scores after: {1: 1, 3: 1, 4: 1, 5: 1}" in err
     assert validate(eft=out).ok
+    # A rerun reuses the judgments only under the same judge: with k=3 they were passed off as the new setting's.
+    assert main(argv) == 0 and "reusing the judgments already in" in capsys.readouterr().err
+    assert main([*argv, "--set", "judge.k=3"]) == 5
+    assert "judge.k: 2 -> 3" in capsys.readouterr().err
 
 
 def test_cli_help_lists_every_format(capsys):

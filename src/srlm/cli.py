@@ -159,6 +159,11 @@ def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[s
         settings[name] = (f"sha256:{digest(value.read_bytes())}" if isinstance(value, Path)
                           else value if isinstance(value, (int, str)) else f"sha256:{digest(json.dumps(value).encode())}")
     settings.update(output_settings(config, sections))
+    if "judge" in sections:
+        from .judging import load_template
+
+        # judge.template is a path; the records depend on the text in it, which can change under the same path.
+        settings["judge.template_sha256"] = digest(load_template(config.judge.template).encode())
     pin_output(Path(out), settings, what, companions=companions)
 
 
@@ -304,9 +309,12 @@ def _import_ranked(args, out: Path):
     replies = load_ranked(args.src, args.split)  # validated before minutes go into loading a model
     _ready(config, args.model)
     side = judgments_path(out)
+    # Judgments are kept by reply id, so a rerun with more --max-prompts or another --split reuses them; a rerun
+    # with another model, judge setting or input file would pass off earlier judgments as this judge's.
+    _pin_stage_output(side, "judgments of ranked replies", args.model, config, ["judge"], replies=args.src)
     if side.exists() or side.with_name(side.name + ".partial").exists():
-        print(f"[srlm] reusing the judgments already in {side} (delete it after changing the model or judge "
-              "settings)", file=sys.stderr)
+        print(f"[srlm] reusing the judgments already in {side} (same model, judge settings and input)",
+              file=sys.stderr)
     prompt_ids = list(dict.fromkeys(r.prompt_id for r in replies))[: args.max_prompts]
     total = sum(r.prompt_id in set(prompt_ids) for r in replies) * config.judge.k
     with bar(total, "judging replies") as progress:
@@ -593,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
               "mean scores order every reply pair that humans scored differently the same way, with no judge tie; "
               f"then each score is capped so none is over {MAX_SCORE_SHARE:.0%} of the set. The judgments go to OUT with "
               "the suffix "
-              ".judgments.jsonl, and a rerun reuses them.")
+              ".judgments.jsonl, and a rerun with the same model, judge settings and input reuses them.")
     p = data_sub.add_parser(
         "import", help="convert OpenAssistant, Alpaca, Dolly, ShareGPT, chat, Self-Instruct or ranked replies to "
                        "IFT / EFT / prompts",

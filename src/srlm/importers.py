@@ -689,7 +689,7 @@ def import_ranked(generator, replies: Sequence[RankedReply], judgments_path: Pat
 
     The judge stage writes `judgments_path` (k judgments per reply, `judge_options` as from
     `judging.judge_options(config)`) and is resumable: judgments already there, or in its `.partial`, are
-    reused, not sampled again; so delete the file after changing the model or judge settings. `max_prompts`
+    reused, not sampled again (`srlm data import` pins the file to the model, judge settings and input). `max_prompts`
     keeps the first N prompts (in file order) to bound the cost.
     """
     order = list(dict.fromkeys(r.prompt_id for r in replies))
