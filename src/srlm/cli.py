@@ -159,11 +159,6 @@ def _pin_stage_output(out: Path, what: str, model: str, config, sections: list[s
         settings[name] = (f"sha256:{digest(value.read_bytes())}" if isinstance(value, Path)
                           else value if isinstance(value, (int, str)) else f"sha256:{digest(json.dumps(value).encode())}")
     settings.update(output_settings(config, sections))
-    if "judge" in sections:
-        from .judging import load_template
-
-        # judge.template is a path; the records depend on the text in it, which can change under the same path.
-        settings["judge.template_sha256"] = digest(load_template(config.judge.template).encode())
     pin_output(Path(out), settings, what, companions=companions)
 
 

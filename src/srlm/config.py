@@ -299,6 +299,14 @@ def output_settings(config: BaseModel, sections: Sequence[str]) -> dict[str, Any
     settings = flat_keys(config, ["seed", "model", "generation", *sections])
     for key in ("generation.timeout_s", "generation.max_retries"):
         settings.pop(key, None)
+    if "judge" in sections:
+        import hashlib
+
+        from .judging import load_template
+
+        # judge.template is a path; the records depend on the text in it, which can change under the same path.
+        text = load_template(config.judge.template)
+        settings["judge.template_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
     return settings
 
 
