@@ -273,6 +273,10 @@ def test_prompts_in_every_supported_format(tmp_path):
     ('[{"instruction": "a"}, "b"]', "array item 1: expected a JSON object, found str"),
     ('{"instruction": "a"\n', "invalid JSON"),
     ("", "file is empty"),
+    # A JSON array nested past Python's recursion limit, and a lone surrogate: errors, not tracebacks.
+    ("[" * 100_000 + "]" * 100_000, ":1: JSON this reader refuses"),
+    ('[\n{"instruction": "\\ud83d\\ude00"},\n{"instruction": "\\ud800a"}]', ":3: an escaped lone surrogate"),
+    ('{"instruction": "a"}\n{"instruction": "b\\udc00"}\n', ":2: an escaped lone surrogate"),
     ('{"question_id": 1, "turns": []}\n', "line 1: field 'turns': expected a list whose first item"),
     ('{"instruction": "a", "instances": [{"output": "x"}]}\n', "line 1: field 'instances': expected a list of"),
 ])
@@ -282,6 +286,12 @@ def test_bad_prompt_files_name_the_place(tmp_path, content, message):
     with pytest.raises(InputError, match=str(path)) as error:
         load_instructions(path)
     assert message in str(error.value)
+
+
+def test_a_prompt_file_may_begin_with_a_byte_order_mark(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "a"}]).encode())
+    assert [i.text for i in load_instructions(path)] == ["a"]
 
 
 def test_reference_outputs_are_matched_by_instruction(tmp_path):

@@ -236,6 +236,10 @@ DOLLY = {"instruction": "Say hi.", "context": "", "response": "Hi.", "category":
     ("chat", "c.jsonl", '{"messages": []}\n{"messages": [}]\n', ":2: invalid JSON"),
     ("alpaca", "a.json", '[\n{"instruction": "Q", "output": "A"},\n{"instruction": "Q2", ',
      ":3: invalid JSON: Expecting property name enclosed in double quotes at column 23 (the file looks truncated)"),
+    # JSON Python's reader refuses, and valid JSON that is no text, in an array: errors naming the line
+    ("alpaca", "a.json", "[" * 100_000 + "]" * 100_000, ":1: JSON this reader refuses"),
+    ("alpaca", "a.json", '[\n{"instruction": "Q", "output": "A"},\n{"instruction": "\\ud800", "output": "A"}]',
+     ":3: an escaped lone surrogate"),
     # duplicate ids, where the format has ids
     ("sharegpt", "s.jsonl", lines({"id": "x", "conversations": []}, {"id": "x", "conversations": []}),
      ":2: field 'id': duplicate id 'x' (first at line 1)"),
@@ -255,6 +259,18 @@ def test_bad_input_names_file_line_and_field(tmp_path, fmt, name, content, where
     with pytest.raises(InputError) as error:
         import_file(fmt, path, "ift")
     assert str(error.value).startswith(f"{path}{where}"), str(error.value)
+
+
+TIPS = {"instruction": "Give three tips for staying focused.", "input": "", "output": "Plan, rest, single-task."}
+
+
+@pytest.mark.parametrize("name,content", [
+    ("a.json", json.dumps([TIPS], indent=2)),  # the byte-order mark hid the "[": read as JSONL, refused
+    ("a.jsonl", json.dumps(TIPS) + "\n"),
+])
+def test_a_file_may_begin_with_a_byte_order_mark(tmp_path, name, content):
+    records, report = import_file("alpaca", write(tmp_path, name, b"\xef\xbb\xbf" + content.encode()), "ift")
+    assert [r.prompt for r in records] == [TIPS["instruction"]] and report.kept == 1
 
 
 def test_missing_file(tmp_path):

@@ -157,7 +157,7 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
         first = f.readline().removeprefix(b"\xef\xbb\xbf")
     try:
         keys = set(json.loads(first))
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+    except (ValueError, TypeError, RecursionError):  # read_jsonl below names what is wrong with the line
         keys = set()
     if "response_text" in keys:
         rows = read_jsonl(path, _OasstReply)

@@ -43,7 +43,7 @@ import numpy as np
 from .backends import Generator, SamplingParams, batch_params, close, plan_batches
 from .errors import ConfigError, InputError, RunDirError
 from .judging import fill_slots, read_slotted_template
-from .records import Record, RecordLog, atomic_write_text, read_input, write_jsonl
+from .records import Record, RecordLog, atomic_write_text, load_json, read_input, write_jsonl
 from .rundir import pin_settings
 
 INSTRUCTION_SLOT = "<INSTRUCTION_HERE>"
@@ -126,16 +126,14 @@ class Side:
 def _rows(path: Path) -> list[tuple[str, dict]]:
     """(where, object) for every row of a JSON array or a JSONL file; `where` names the line or array item."""
     path = Path(path)
+    data = read_input(path, "a JSON or JSONL file").removeprefix(b"\xef\xbb\xbf")
     try:
-        text = read_input(path, "a JSON or JSONL file").decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"invalid UTF-8 at byte {e.start}", path=path)
+        raise InputError(f"invalid UTF-8 at byte {e.start}", path=path, line=data[: e.start].count(b"\n") + 1)
     rows: list[tuple[str, dict]] = []
     if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise InputError(f"invalid JSON array: {e.msg} at line {e.lineno}, column {e.colno}", path=path)
+        items = load_json(text, path, what="file")
         for i, item in enumerate(items):
             if not isinstance(item, dict):
                 raise InputError(f"array item {i}: expected a JSON object, found {type(item).__name__}", path=path)
@@ -144,10 +142,7 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
         for number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"invalid JSON: {e.msg} at column {e.colno}", path=path, line=number)
+            item = load_json(line, path, number)
             if not isinstance(item, dict):
                 raise InputError(f"expected a JSON object, found {type(item).__name__}", path=path, line=number)
             rows.append((f"line {number}", item))

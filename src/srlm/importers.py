@@ -44,7 +44,7 @@ from .errors import InputError, SrlmError
 from .evaluation import RankedReply, as_stage_records
 from .judging import judge, verdicts
 from .pairs import candidate_scores
-from .records import EFTExample, IFTExample, Judgment, Prompt, Record, describe_error, parse_line, read_input
+from .records import EFTExample, IFTExample, Judgment, Prompt, Record, describe_error, load_json, parse_line, read_input
 from .validate import MAX_SCORE_SHARE, normalise
 
 TARGETS = ("ift", "eft", "prompts")
@@ -201,7 +201,7 @@ def _refuse_single_document(path: Path, data: bytes, fmt: str) -> None:
     # A pretty-printed JSON object fails on line 1 as JSONL; say what the file really is.
     try:
         document = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError among them
         return
     if isinstance(document, dict):
         hint = ""
@@ -218,11 +218,7 @@ def _array_objects(path: Path, data: bytes) -> list[tuple[Loc, dict]]:
     except UnicodeDecodeError as e:
         raise InputError(f"invalid UTF-8 at byte {e.start} (expected UTF-8 text)", path=path,
                          line=data[: e.start].count(b"\n") + 1)
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as e:
-        hint = " (the file looks truncated)" if e.pos >= len(text.rstrip()) else ""
-        raise InputError(f"invalid JSON: {e.msg} at column {e.colno}{hint}", path=path, line=e.lineno)
+    document = load_json(text, path, what="file")
     objects = []
     for index, obj in enumerate(document):
         loc = Loc(str(path), index, "element")
@@ -233,7 +229,8 @@ def _array_objects(path: Path, data: bytes) -> list[tuple[Loc, dict]]:
 
 
 def _read_objects(path: Path, fmt: str, arrays: bool) -> list[tuple[Loc, dict]]:
-    data = read_input(path, f"a file in {fmt} format")
+    # The byte-order mark some Windows editors begin UTF-8 files with: before a JSON array it hid the "[".
+    data = read_input(path, f"a file in {fmt} format").removeprefix(b"\xef\xbb\xbf")
     start = data.lstrip()[:1]
     if start == b"[":
         if not arrays:

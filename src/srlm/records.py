@@ -116,6 +116,8 @@ class Pair(Record):
 
 R = TypeVar("R", bound=Record)
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_LONE_SURROGATE = re.compile(r"(?<!\\)(?:\\\\)*\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+                             r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 def open_input(path: str | os.PathLike, expected: str):
@@ -157,6 +159,28 @@ def describe_error(error: dict) -> tuple[str, str]:
     return field, f"{message}; found {shown}"
 
 
+def load_json(text: str, path, line: int = 1, *, truncated: bool | None = None, what: str = "line"):
+    """`json.loads` of an input's `text` (a JSONL line, or a whole document starting on `line`), every way it can
+    fail an InputError at its file and line: invalid JSON, what Python's reader refuses, and valid JSON that is no
+    text. `truncated` says whether the text looks cut off (by default: the error is at its end), for the hint."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        cut = e.pos >= len(text.rstrip()) if truncated is None else truncated
+        hint = f" (the {what} looks truncated)" if cut else ""
+        raise InputError(f"invalid JSON: {e.msg} at column {e.colno}{hint}", path=path, line=line + e.lineno - 1)
+    except (ValueError, RecursionError) as e:  # a number of more than 4300 digits; arrays nested thousands deep
+        raise InputError(f"JSON this reader refuses: {str(e)[:120] or type(e).__name__}", path=path, line=line)
+    if "\\u" in text and _SURROGATE_ESCAPE.search(text):  # "\ud800" alone: valid JSON, no text, and unwritable
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            lone = _LONE_SURROGATE.search(text)  # where, for a document over several lines
+            raise InputError("an escaped lone surrogate (\\ud800-\\udfff without its pair): not a character "
+                             "(expected UTF-8 text)", path=path, line=line + (text.count("\n", 0, lone.start()) if lone else 0))
+    return obj
+
+
 def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
     """One JSONL line as a validated record (None for a blank line); InputError names file, line and field."""
     if number == 1:
@@ -167,19 +191,7 @@ def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
         raise InputError(f"invalid UTF-8 at byte {e.start} (expected UTF-8 text)", path=path, line=number)
     if not line.strip():
         return None
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        hint = " (the line looks truncated)" if not line.endswith("\n") else ""
-        raise InputError(f"invalid JSON: {e.msg} at column {e.colno}{hint}", path=path, line=number)
-    except (ValueError, RecursionError) as e:  # a number of more than 4300 digits; arrays nested thousands deep
-        raise InputError(f"JSON this reader refuses: {str(e)[:120] or type(e).__name__}", path=path, line=number)
-    if "\\u" in line and _SURROGATE_ESCAPE.search(line):  # "\ud800" alone: valid JSON, no text, and unwritable
-        try:
-            json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise InputError("an escaped lone surrogate (\\ud800-\\udfff without its pair): not a character "
-                             "(expected UTF-8 text)", path=path, line=number)
+    obj = load_json(line, path, number, truncated=not line.endswith("\n"))
     if not isinstance(obj, dict):
         raise InputError(f"expected a JSON object, found {type(obj).__name__}", path=path, line=number)
     try:
