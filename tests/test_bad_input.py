@@ -16,7 +16,7 @@ import srlm.records
 from conftest import FIXTURES
 from srlm.cli import main
 from srlm.config import RunConfig
-from srlm.errors import OutputError
+from srlm.errors import InputError, OutputError
 from srlm.records import Candidate, Judgment, Prompt, RecordLog, write_jsonl
 from srlm.rundir import RunDir
 
@@ -174,9 +174,9 @@ CASES = [
                                                       str(put(t, "pairs.jsonl", jsonl({"id": "x"}))), "--out",
                                                       str(t / "M2")], 4, ["pairs.jsonl:1: field 'prompt_id'"]),
     ("candidate of an unknown prompt", lambda t: stage_files(t, candidate_prompt="p9"), 4,
-     ["c.jsonl: field 'prompt_id'", "'p9'", "not an id in", "p.jsonl"]),
+     ["c.jsonl:1: field 'prompt_id'", "'p9'", "not an id in", "p.jsonl"]),
     ("judgment of an unknown candidate", lambda t: stage_files(t, judged_candidate="c9"), 4,
-     ["j.jsonl: field 'candidate_id'", "'c9'"]),
+     ["j.jsonl:1: field 'candidate_id'", "'c9'"]),
     ("prompts file checked before the model loads", lambda t: ["respond", "--model", str(t / "no-model"), "--prompts",
                                                                str(put(t, "p.jsonl", jsonl({"id": "p", "text": "Q?",
                                                                                             "iteration": "one"}))),
@@ -391,3 +391,15 @@ def test_a_full_disk_under_safetensors_is_a_clear_error(tmp_path, monkeypatch, c
     monkeypatch.setattr("srlm.cli.cmd_config", lambda args: save_file({}, str(tmp_path / "no" / "x.safetensors")))
     with pytest.raises(SafetensorError, match=r"\(os error 2\) at path"):
         main(["config"])
+
+
+def test_a_broken_link_names_its_line(tmp_path):
+    from srlm.records import check_links, read_jsonl
+
+    write_jsonl(tmp_path / "p.jsonl", [Prompt(id="p", text="Q?", iteration=1)])
+    rows = [Candidate(id=f"c{i}", prompt_id="p9" if i == 2 else "p", index=i, text="a") for i in range(3)]
+    (tmp_path / "c.jsonl").write_text("\n".join([rows[0].model_dump_json(), "", rows[1].model_dump_json(),
+                                                  rows[2].model_dump_json()]) + "\n")
+    with pytest.raises(InputError, match=r"c.jsonl:4: field 'prompt_id': 'p9' \(record 'c2'\)"):
+        check_links(tmp_path / "c.jsonl", read_jsonl(tmp_path / "c.jsonl", Candidate), "prompt_id",
+                    read_jsonl(tmp_path / "p.jsonl", Prompt), tmp_path / "p.jsonl")

@@ -248,8 +248,10 @@ def check_links(path: str | os.PathLike, records: Sequence[Record], field: str, 
     for record in records:
         value = getattr(record, field)
         if value not in known:
+            # Read back for its line: records keep no line numbers, and this is the rare path.
+            line = next((n for n, r in scan_jsonl(path, type(record)) if getattr(r, "id", None) == record.id), None)
             raise InputError(f"{value!r} (record {record.id!r}) is not an id in {parents_path}; the files must come "
-                             "from the same run", path=Path(path), field=field)
+                             "from the same run", path=Path(path), line=line, field=field)
 
 
 def fsync_dir(directory: Path) -> None:
