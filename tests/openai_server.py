@@ -41,6 +41,7 @@ class OpenAIServer:
         self.status_for: Callable[[dict], int | None] = lambda body: None
         self.delay_s: float | Callable[[dict], float] = 0.0
         self.omit_usage = False
+        self.drip_s = 0.0  # > 0: the body is sent a byte at a time, this far apart (a server that trickles)
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.max_in_flight = 0
@@ -128,14 +129,18 @@ class OpenAIServer:
             answer["usage"] = {"prompt_tokens": 0, "completion_tokens": n_tokens, "total_tokens": n_tokens}
         return answer
 
-    @staticmethod
-    def _send(handler: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
+    def _send(self, handler: BaseHTTPRequestHandler, status: int, payload: dict) -> None:
         data = json.dumps(payload).encode()
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
             handler.send_header("Content-Length", str(len(data)))
             handler.end_headers()
-            handler.wfile.write(data)
+            if not self.drip_s:
+                handler.wfile.write(data)
+            for i in range(len(data) if self.drip_s else 0):
+                handler.wfile.write(data[i : i + 1])
+                handler.wfile.flush()
+                time.sleep(self.drip_s)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout test): nothing to answer

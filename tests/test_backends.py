@@ -293,6 +293,16 @@ def test_timeout_is_reported():
         assert time.monotonic() - start < 1.9 and len(server.requests) == 2
 
 
+def test_timeout_bounds_the_whole_answer_not_each_read():
+    # Each byte came within the timeout, so the answer of a server that trickles it took as long as it liked.
+    with scripted() as server:
+        server.drip_s = 0.05  # about 200 bytes: 10 s
+        start = time.monotonic()
+        with pytest.raises(ModelError, match=r"timed out after 0.5 s \(generation.timeout_s\)"):
+            client(server, timeout_s=0.5, max_retries=0).generate(["x"], GREEDY)
+        assert time.monotonic() - start < 5
+
+
 def test_the_first_error_is_raised_without_waiting_for_requests_in_flight():
     with scripted() as server:
         server.status_for = lambda body: 400 if body["prompt"] == "bad" else None

@@ -87,7 +87,7 @@ class GenerationConfig(Section):
     concurrency: int = Field(
         8, ge=1, description="openai backend: requests in flight at once (within one batch of generation.batch_size).",
     )
-    timeout_s: float = Field(300.0, gt=0, description="openai backend: seconds to wait for one response.")
+    timeout_s: float = Field(300.0, gt=0, description="openai backend: seconds to wait for one whole response (connecting, the server generating, the body arriving).")
     max_retries: int = Field(
         5, ge=0, description="openai backend: retries after a connection error, timeout, 429 or 5xx "
         "(exponential backoff from 1 s).",

@@ -151,8 +151,9 @@ class OpenAIGenerator:
             wait = 0.0
             try:
                 request = urllib.request.Request(url, data=payload, headers=headers, method="POST")
+                deadline = time.monotonic() + self.timeout_s
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    raw = response.read()
+                    raw = _read_before(response, deadline)
             except urllib.error.HTTPError as e:
                 message = _server_message(e)
                 if e.code not in (408, 429) and e.code < 500:
@@ -190,6 +191,17 @@ class OpenAIGenerator:
         if isinstance(reason, TimeoutError) or isinstance(error, TimeoutError):
             return f"timed out after {self.timeout_s:g} s (generation.timeout_s)"
         return f"cannot reach the server ({reason})"
+
+
+def _read_before(response, deadline: float) -> bytes:
+    """The response's body, or TimeoutError once `deadline` has passed: urllib's timeout bounds each socket read, so
+    a server (or a proxy) that trickles its answer a few bytes at a time held a request for hours."""
+    chunks = []
+    while chunk := response.read1(1 << 16):
+        chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the answer did not arrive in time")
+    return b"".join(chunks)
 
 
 def _server_message(error: urllib.error.HTTPError) -> str:
