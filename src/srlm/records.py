@@ -166,9 +166,13 @@ def load_json(text: str, path, line: int = 1, *, truncated: bool | None = None, 
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as e:
-        cut = e.pos >= len(text.rstrip()) if truncated is None else truncated
+        end = len(text.rstrip())
+        cut = e.pos >= end if truncated is None else truncated
         hint = f" (the {what} looks truncated)" if cut else ""
-        raise InputError(f"invalid JSON: {e.msg} at column {e.colno}{hint}", path=path, line=line + e.lineno - 1)
+        row, column = e.lineno, e.colno
+        if "\n" in text[end : e.pos]:  # ran out past the last line's end: the error is that line's, not the next's
+            row, column = text.count("\n", 0, end) + 1, end - text.rfind("\n", 0, end)
+        raise InputError(f"invalid JSON: {e.msg} at column {column}{hint}", path=path, line=line + row - 1)
     except (ValueError, RecursionError) as e:  # a number of more than 4300 digits; arrays nested thousands deep
         raise InputError(f"JSON this reader refuses: {str(e)[:120] or type(e).__name__}", path=path, line=line)
     if "\\u" in text and _SURROGATE_ESCAPE.search(text):  # "\ud800" alone: valid JSON, no text, and unwritable
