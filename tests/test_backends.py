@@ -15,6 +15,7 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import tiny_config
 from openai_server import OpenAIServer
 from srlm.backends import Completion, HFGenerator, OpenAIGenerator, SamplingParams, make_generator
 from srlm.config import ModelConfig, load_config
@@ -254,6 +255,26 @@ def test_finish_reason_length_and_missing_usage():
         server.omit_usage = True
         out = client(server).generate(["x"], GREEDY)[0]
     assert out == Completion(text="one two three", n_tokens=3, truncated=False)
+
+
+def test_tokens_counted_are_those_of_the_text_kept(tiny_model):
+    # A server that ignores `stop` reports the tokens it generated past it, which srlm cuts off: the records' token
+    # counts (the summary's lengths) were the server's.
+    from transformers import AutoTokenizer
+
+    from srlm.backends import local_token_counter
+
+    stop = SamplingParams(temperature=0.0, max_new_tokens=32, stop=("\nUser:",))
+    with scripted("Relevant and clear.\nScore: 4\nUser: another question, made up") as server:
+        out = client(server).generate(["x"], stop)[0]
+        assert out.text == "Relevant and clear.\nScore: 4" and out.n_tokens == 5  # words: no tokenizer here
+        counted = client(server, count_tokens=local_token_counter(tiny_model)).generate(["x"], stop)[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert counted.n_tokens == len(tokenizer(out.text, add_special_tokens=False).input_ids) != 5
+    assert local_token_counter("a-hosted-model") is None
+    served = make_generator(tiny_config(tiny_model, "generation.backend=openai",
+                                        "generation.base_url=http://localhost:1/v1"), tiny_model)
+    assert served.count_tokens(out.text) == counted.n_tokens
 
 
 @pytest.mark.parametrize("status", [500, 503, 429])

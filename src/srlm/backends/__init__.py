@@ -99,6 +99,20 @@ def capped_batch_size(config, model_path: Path | str) -> int:
     return min(resolve_batch_size(config, model_path), resolve_batch_size(auto, model_path))
 
 
+def local_token_counter(model_path: Path | str):
+    """Tokens of a text under the tokenizer in `model_path`, for a served model whose files are here too (a run's
+    M(t) served by vLLM); None where there are none (a hosted model's name)."""
+    if not Path(model_path).is_dir():
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    return lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
 def make_generator(config, model_path: Path | str, *, batch_size: int | None = None) -> Generator:
     """The configured backend for one model: `model_path` is loaded (hf, vllm) or named to the server (openai).
     `batch_size`: sequences the backend runs at once, if not generation.batch_size (`capped_batch_size`).
@@ -110,7 +124,8 @@ def make_generator(config, model_path: Path | str, *, batch_size: int | None = N
     batch_size = batch_size or g.batch_size
     if g.backend == "openai":
         return OpenAIGenerator(g.base_url, g.model or str(model_path), api_key_env=g.api_key_env,
-                               concurrency=g.concurrency, timeout_s=g.timeout_s, max_retries=g.max_retries)
+                               concurrency=g.concurrency, timeout_s=g.timeout_s, max_retries=g.max_retries,
+                               count_tokens=local_token_counter(model_path))
     from ..models import generation_dtype, pick_device
 
     device = pick_device(config.device)

@@ -10,7 +10,8 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from ..errors import ModelError
 from ..progress import tokens_sampled
@@ -31,7 +32,7 @@ class OpenAIGenerator:
 
     def __init__(self, base_url: str, model: str, *, api_key_env: str | None = "OPENAI_API_KEY",
                  concurrency: int = 8, timeout_s: float = 300.0, max_retries: int = 5, backoff_s: float = 1.0,
-                 max_backoff_s: float = 60.0):
+                 max_backoff_s: float = 60.0, count_tokens: Callable[[str], int] | None = None):
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.api_key_env = api_key_env
@@ -44,6 +45,9 @@ class OpenAIGenerator:
         self.max_retries = max_retries
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
+        # The served model's tokenizer, where its files are here too: what the server reports counts text cut off
+        # at a stop string (servers that ignore `stop`), and some servers report nothing.
+        self.count_tokens = count_tokens
 
     def generate(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
         if not requests:
@@ -77,6 +81,9 @@ class OpenAIGenerator:
                 i, completion, error = done.get()
                 if error is not None:
                     raise error
+                if self.count_tokens is not None and completion.token_logprobs is None:
+                    # Here, not in the workers: a tokenizer is not safe to call from several threads at once.
+                    completion = replace(completion, n_tokens=self.count_tokens(completion.text))
                 results[i] = completion
                 tokens_sampled(completion.n_tokens)  # in this thread, where the progress bar is found
         finally:
@@ -122,8 +129,10 @@ class OpenAIGenerator:
         text, stopped = cut_at_stop(text or "", params.stop)
         usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
         n_tokens = usage.get("completion_tokens")
-        if not isinstance(n_tokens, int):
-            n_tokens = len(text.split())  # a server that reports no usage: words are the closest stand-in
+        if not isinstance(n_tokens, int) or (stopped and not params.logprobs):
+            # No count, or one of more than the text kept, and no tokenizer here (else `generate` counts): words are
+            # the closest stand-in.
+            n_tokens = len(text.split())
         truncated = choice.get("finish_reason") == "length" and not stopped
         logprobs = self._logprobs(url, choice, chat) if params.logprobs else None
         return Completion(text=text.strip(), n_tokens=n_tokens, truncated=truncated, token_logprobs=logprobs)
