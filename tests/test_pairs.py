@@ -1,11 +1,19 @@
-from srlm.pairs import TIE, TOO_FEW_JUDGED, TOO_FEW_UNFLAGGED, candidate_scores, select_pairs
+from srlm.pairs import (
+    TIE,
+    TOO_FEW_COMPLETE,
+    TOO_FEW_ELIGIBLE,
+    TOO_FEW_JUDGED,
+    TOO_FEW_UNFLAGGED,
+    candidate_scores,
+    select_pairs,
+)
 from srlm.records import Candidate, Judgment, Prompt
 
 
-def make(scores_by_candidate: dict[int, list], flagged=(), prompt_id="p"):
+def make(scores_by_candidate: dict[int, list], flagged=(), prompt_id="p", truncated=()):
     prompt = Prompt(id=prompt_id, text="Q?", iteration=1)
     candidates = [Candidate(id=f"{prompt_id}-c{i}", prompt_id=prompt_id, index=i, text=f"answer {i}", n_tokens=10 * (i + 1),
-                            flagged=i in flagged) for i in scores_by_candidate]
+                            flagged=i in flagged, truncated=i in truncated) for i in scores_by_candidate]
     judgments = [Judgment(id=f"{prompt_id}-c{i}-j{s}", candidate_id=f"{prompt_id}-c{i}", prompt_id=prompt_id, sample=s,
                           text="...", score=v, error=None if v is not None else "no 'Score: N' found")
                  for i, values in scores_by_candidate.items() for s, v in enumerate(values)]
@@ -63,6 +71,19 @@ def test_flagged_candidates_are_excluded_unless_allowed():
     assert (pair.chosen_id, pair.rejected_id) == ("p-c1", "p-c2")
     (pair,) = select_pairs(*data, exclude_flagged=False).pairs
     assert pair.chosen_id == "p-c0"
+
+
+def test_a_candidate_cut_at_the_length_cap_is_never_chosen_but_can_be_rejected():
+    # Chosen, a cut response becomes a DPO target the chat template closes after the cut: "end the turn mid-sentence".
+    data = make({0: [5], 1: [3], 2: [1]}, truncated={0, 2})
+    (pair,) = select_pairs(*data).pairs
+    assert (pair.chosen_id, pair.rejected_id) == ("p-c1", "p-c2")
+    (pair,) = select_pairs(*data, exclude_truncated=False).pairs
+    assert (pair.chosen_id, pair.rejected_id) == ("p-c0", "p-c2")
+    # Counted by what kept the prompt from a pair: the cap, judge-format text, or one of each.
+    assert select_pairs(*make({0: [5], 1: [3]}, truncated={0})).dropped == {TOO_FEW_COMPLETE: 1}
+    assert select_pairs(*make({0: [5], 1: [4], 2: [3]}, truncated={0}, flagged={1})).dropped == {TOO_FEW_ELIGIBLE: 1}
+    assert select_pairs(*make({0: [5], 1: [3]}, truncated={0}, flagged={0})).dropped == {TOO_FEW_UNFLAGGED: 1}
 
 
 def test_equal_top_scores_pick_the_lowest_index():

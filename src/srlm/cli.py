@@ -249,7 +249,8 @@ def cmd_pairs(args) -> int:
     judgments = read_jsonl(args.judgments, Judgment)
     check_links(args.candidates, candidates, "prompt_id", prompts, args.prompts)
     check_links(args.judgments, judgments, "candidate_id", candidates, args.candidates)
-    selection = select_pairs(prompts, candidates, judgments, exclude_flagged=not args.keep_flagged)
+    selection = select_pairs(prompts, candidates, judgments, exclude_flagged=not args.keep_flagged,
+                             exclude_truncated=not args.keep_truncated)
     write_jsonl(args.out, selection.pairs)
     dropped = ", ".join(f"{v} {k}" for k, v in selection.dropped.items()) or "none"
     print(f"{len(selection.pairs)} pairs -> {args.out}; prompts dropped: {dropped}")
@@ -561,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=Path, required=True, help="candidates JSONL (`srlm respond`'s output)")
     p.add_argument("--judgments", type=Path, required=True, help="judgments JSONL (`srlm judge`'s output)")
     p.add_argument("--keep-flagged", action="store_true", help="let candidates with judge-format text be chosen")
+    p.add_argument("--keep-truncated", action="store_true",
+                   help="let candidates cut at the length cap be chosen (DPO then teaches ending the turn there)")
     p.add_argument("--out", type=Path, required=True, help="pairs JSONL to write")
     p.set_defaults(func=cmd_pairs)
 

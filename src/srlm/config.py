@@ -121,7 +121,7 @@ class SFTConfig(Section):
     dropout: float = Field(0.1, ge=0, lt=1, description="Dropout while training (PAPER.md §4: 0.1), set on every "
                            "dropout the model's config has: Llama-family models (SmolLM2, Llama, Qwen2, Mistral) have "
                            "attention dropout only.")
-    max_length: int = Field(2048, ge=16, description="Tokens per training sequence; longer ones are truncated.")
+    max_length: int = Field(2048, ge=16, description="Tokens per training example (prompt and target); longer examples are left out, counted on stderr.")
     bf16: bool | Literal["auto"] = _bf16_field()
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (resume point).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
@@ -175,6 +175,9 @@ class JudgeConfig(Section):
     saturation_warning: float = Field(0.5, ge=0, le=1, description="Warn when this share of scores is the maximum (5).")
     exclude_flagged: bool = Field(
         True, description="Never choose a candidate containing judge-format text (it may still be rejected).")
+    exclude_truncated: bool = Field(
+        True, description="Never choose a candidate cut at candidates.max_new_tokens (it may still be rejected): "
+        "DPO would teach ending the turn mid-sentence. The paper sets no length cap, so has no cut responses.")
     mode: Literal["sample", "expected"] = Field(
         "sample", description="sample: k sampled justifications, parsed and averaged (PAPER.md §4.3, faithful). "
         "expected: one forward pass, the probability-weighted score 0-5 of the token after 'Score:' (fast; not "
@@ -202,7 +205,7 @@ class DPOConfig(Section):
     reference: Literal["previous", "m1"] = Field(
         "previous", description="Reference model: M(t) as in the paper, or a fixed M1."
     )
-    max_length: int = Field(2048, ge=16, description="Tokens per prompt+response.")
+    max_length: int = Field(2048, ge=16, description="Tokens per prompt with its longer response; longer pairs are left out, counted on stderr (TRL would cut the two responses at different points).")
     save_steps: int = Field(200, ge=1, description="Checkpoint interval in optimizer steps (PAPER.md §4.5: 200).")
     gradient_checkpointing: bool = Field(False, description="Recompute activations: less memory, ~30% more compute.")
     bf16: bool | Literal["auto"] = _bf16_field()

@@ -264,7 +264,8 @@ class Run:
             # changes judge.max_failure_rate applies to the iterations still to come.
             self._check_judge(t, judgments)
 
-        selection = select_pairs(prompts, candidates, judgments, exclude_flagged=cfg.judge.exclude_flagged)
+        selection = select_pairs(prompts, candidates, judgments, exclude_flagged=cfg.judge.exclude_flagged,
+                                 exclude_truncated=cfg.judge.exclude_truncated)
 
         def pairs_work():
             write_jsonl(folder / "pairs.jsonl", selection.pairs)

@@ -1,7 +1,7 @@
 """Pair selection (PAPER.md §4.4): best- vs worst-judged candidate of each prompt; ties dropped.
 
 A pure function over records, tested without a model. Every prompt that yields no pair gets a reason,
-so the summary can say how many were lost to ties, to judge failures, and to flagged candidates.
+so the summary can say how many were lost to ties, to judge failures, and to flagged or cut-off candidates.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from .records import Candidate, Judgment, Pair, Prompt
 TIE = "tie"
 TOO_FEW_JUDGED = "fewer than 2 candidates with a valid judgment"
 TOO_FEW_UNFLAGGED = "only candidates with judge-format text scored above the lowest"
+TOO_FEW_COMPLETE = "only candidates cut at the length cap scored above the lowest"
+TOO_FEW_ELIGIBLE = "only candidates with judge-format text or cut at the length cap scored above the lowest"
 # Two samples can be the same text, and the judge can still score them apart (sampled justifications, or the
 # rounding of a batch): such a pair would teach nothing and would count as a preference that is not one.
 SAME_TEXT = "best and worst candidates are the same text"
@@ -42,14 +44,17 @@ def select_pairs(
     judgments: Sequence[Judgment],
     *,
     exclude_flagged: bool = True,
+    exclude_truncated: bool = True,
 ) -> PairSelection:
     """One pair per prompt: chosen = highest mean score, rejected = lowest; dropped on a tie (or when the two are
     the same text).
 
     A candidate takes part only with at least one parsed judgment (a failure is not a score). With
     `exclude_flagged`, one that contains judge-format text is never chosen (PAPER.md §7: a response can win by
-    writing "Score: 5" for the judge to read), but may be rejected: it lost anyway. Among equal top (or bottom)
-    scores the lowest candidate index wins, so selection is deterministic.
+    writing "Score: 5" for the judge to read), but may be rejected: it lost anyway. With `exclude_truncated`, the
+    same for one cut at the length cap: as chosen, DPO would teach ending the turn mid-sentence (the chat template
+    closes the turn after the cut text). Among equal top (or bottom) scores the lowest candidate index wins, so
+    selection is deterministic.
     """
     means = candidate_scores(judgments)
     by_prompt: dict[str, list[Candidate]] = defaultdict(list)
@@ -66,10 +71,13 @@ def select_pairs(
         if all(means[c.id] == means[worst.id] for c in scored):
             selection.dropped[TIE] += 1
             continue
-        eligible = [c for c in scored if not (exclude_flagged and c.flagged)]
-        best = max(eligible, key=lambda c: (means[c.id], -c.index), default=worst)
-        if means[best.id] == means[worst.id]:  # lost to flagged candidates, not to the judge
-            selection.dropped[TOO_FEW_UNFLAGGED] += 1
+        barred = lambda c: (exclude_flagged and c.flagged) or (exclude_truncated and c.truncated is True)
+        best = max((c for c in scored if not barred(c)), key=lambda c: (means[c.id], -c.index), default=worst)
+        if means[best.id] == means[worst.id]:  # lost to flagged or cut-off candidates, not to the judge
+            above = [c for c in scored if means[c.id] > means[worst.id]]
+            flagged = all(exclude_flagged and c.flagged for c in above)
+            cut = all(exclude_truncated and c.truncated is True for c in above)
+            selection.dropped[TOO_FEW_UNFLAGGED if flagged else TOO_FEW_COMPLETE if cut else TOO_FEW_ELIGIBLE] += 1
             continue
         if best.text.strip() == worst.text.strip():
             selection.dropped[SAME_TEXT] += 1

@@ -18,11 +18,15 @@ from .summary import format_table, iteration_stats
 
 def collect(root: Path, exclude_flagged: bool | None = None) -> dict[int, dict]:
     """Each finished iteration's statistics, from its records; pairs are selected as the run selected them
-    (`judge.exclude_flagged` of its config.yaml, unless `exclude_flagged` says otherwise)."""
+    (`judge.exclude_flagged` and `judge.exclude_truncated` of its config.yaml; `exclude_flagged`, if given, for the
+    former)."""
     run = RunDir(root)
     run.open()
+    judge = _run_judge_settings(run)
     if exclude_flagged is None:
-        exclude_flagged = _run_excludes_flagged(run)
+        exclude_flagged = bool(judge.get("exclude_flagged", True))
+    # A run made before the setting existed chose cut-off candidates.
+    exclude_truncated = bool(judge.get("exclude_truncated", False))
     stats: dict[int, dict] = {}
     t = 1
     while (run.iteration(t) / "judgments.jsonl").exists():
@@ -31,20 +35,21 @@ def collect(root: Path, exclude_flagged: bool | None = None) -> dict[int, dict]:
         candidates = read_jsonl(folder / "candidates.jsonl", Candidate)
         judgments = read_jsonl(folder / "judgments.jsonl", Judgment)
         attempts = read_jsonl(folder / "prompts_attempts.jsonl", PromptAttempt)
-        selection = select_pairs(prompts, candidates, judgments, exclude_flagged=exclude_flagged)
+        selection = select_pairs(prompts, candidates, judgments, exclude_flagged=exclude_flagged,
+                                 exclude_truncated=exclude_truncated)
         stats[t] = iteration_stats(attempts, candidates, judgments, selection, len(prompts))
         t += 1
     return stats
 
 
-def _run_excludes_flagged(run: RunDir) -> bool:
+def _run_judge_settings(run: RunDir) -> dict:
     import yaml
 
     try:
         saved = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         saved = {}
-    return bool((saved.get("judge") or {}).get("exclude_flagged", True))
+    return saved.get("judge") or {}
 
 
 def _save(fig, path: Path) -> None:
