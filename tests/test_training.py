@@ -126,10 +126,11 @@ def test_the_checkpointing_switch_reaches_trl_without_a_deprecation_warning(tmp_
 
 
 @pytest.mark.parametrize("processes,micro,expected", [(1, 1, (1, 16)), (1, 4, (4, 4)), (4, 1, (1, 4)), (4, 4, (4, 1)),
-                                                       (8, 4, (2, 1)),
+                                                       (8, 4, (2, 1)), (1, 3, (2, 8)),  # 3 does not divide 16: 2 does
+                                                       (3, 4, (4, 2)), (6, 4, (2, 2)),  # no even split: said so
                                                        (32, 1, (1, 1))])  # 32 processes: one example each, the least
-def test_a_step_is_the_configured_batch_whatever_the_number_of_processes(tmp_path, monkeypatch, processes, micro,
-                                                                         expected):
+def test_a_step_is_the_configured_batch_whatever_the_number_of_processes(tmp_path, monkeypatch, capsys, processes,
+                                                                         micro, expected):
     from srlm.config import RunConfig
     from srlm.training import training_arguments
 
@@ -138,6 +139,9 @@ def test_a_step_is_the_configured_batch_whatever_the_number_of_processes(tmp_pat
     section.batch_size, section.micro_batch_size = 16, micro
     kwargs = training_arguments(section, work_dir=tmp_path, device="cpu", seed=0)
     assert (kwargs["per_device_train_batch_size"], kwargs["gradient_accumulation_steps"]) == expected
+    step = processes * expected[0] * expected[1]
+    said = f"a step is {step} examples ({processes} processes x {expected[0]} x {expected[1]} accumulated), not batch_size=16"
+    assert (said in capsys.readouterr().err) == (step != 16)
 
 
 def test_resume_skips_checkpoints_a_kill_left_incomplete(tmp_path):
@@ -301,3 +305,39 @@ def test_checkpoints_resume_only_what_they_were_trained_from(tiny_model, tmp_pat
         pin_training(work, "sft", other, rows, model=tiny_model)
     monkeypatch.setenv("RANK", "1")  # under accelerate launch, rank 0 checks for all
     pin_training(work, "sft", other, rows, model=tiny_model)
+
+
+def test_overlong_rows_are_left_out_and_counted_not_cut(tiny_model, capsys):
+    # TRL cut a DPO pair's chosen and rejected responses at different points (and dropped a pair whose prompt alone was
+    # too long) without a word; srlm leaves such rows out and says how many.
+    from srlm.config import ModelConfig
+    from srlm.dpo import dpo_rows
+    from srlm.errors import InputError
+    from srlm.models import load_tokenizer
+    from srlm.records import Pair
+    from srlm.training import drop_overlong
+
+    tokenizer = load_tokenizer(tiny_model, ModelConfig())
+    pair = lambda i, chosen: Pair(id=f"p{i}", prompt_id=f"q{i}", prompt="Name a colour.", chosen_id="a", rejected_id="b",
+                                  chosen=chosen, rejected="Blue.", chosen_score=4.0, rejected_score=1.0)
+    rows = dpo_rows([pair(0, "Red."), pair(1, "Red, " * 200), pair(2, "Green.")])
+    kept = drop_overlong(rows, tokenizer, 64, "dpo", ("chosen", "rejected"))
+    assert [r["chosen"][0]["content"] for r in kept] == ["Red.", "Green."]
+    assert "[srlm] dpo: 1 of 3 pairs are longer than dpo.max_length=64 tokens and are left out" in capsys.readouterr().err
+    with pytest.raises(InputError, match="every DPO pair is longer than dpo.max_length=8 tokens"):
+        drop_overlong(rows, tokenizer, 8, "dpo", ("chosen", "rejected"))
+
+
+def test_a_saved_model_keeps_its_own_dropout_not_the_training_one(tiny_model, tmp_path):
+    # M1-M3 were published with attention_dropout 0.1: fine-tuned elsewhere, they would train with dropout silently.
+    import json
+
+    from srlm.config import ModelConfig
+    from srlm.models import load_model, load_tokenizer, save_checkpoint
+
+    before = json.loads((tiny_model / "config.json").read_text()).get("attention_dropout", 0.0)
+    model = load_model(tiny_model, ModelConfig(), "cpu", dropout=0.1)
+    assert model.config.attention_dropout == 0.1 != before
+    out = save_checkpoint(model, load_tokenizer(tiny_model, ModelConfig()), tmp_path / "M2")
+    assert json.loads((out / "config.json").read_text())["attention_dropout"] == before
+    assert model.config.attention_dropout == 0.1  # the model in training is left as it was

@@ -53,7 +53,15 @@ def train_dpo(
     from trl import DPOConfig, DPOTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import TRAINING_DTYPE, finish, last_checkpoint, pin_training, scored_positions_only, trainer_config
+    from .training import (
+        TRAINING_DTYPE,
+        drop_overlong,
+        finish,
+        last_checkpoint,
+        pin_training,
+        scored_positions_only,
+        trainer_config,
+    )
 
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
@@ -62,6 +70,7 @@ def train_dpo(
     rows = dpo_rows(pairs)
     pin_training(work_dir, "dpo", config, rows, model=model_path, reference=reference_path)
     tokenizer = load_tokenizer(model_path, config.model)
+    rows = drop_overlong(rows, tokenizer, config.dpo.max_length, "dpo", ("chosen", "rejected"))
     model = load_model(model_path, config.model, device, dropout=config.dpo.dropout, dtype=TRAINING_DTYPE)
     ref_model = None
     if reference_path is not None and Path(reference_path) != Path(model_path):

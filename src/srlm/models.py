@@ -70,7 +70,15 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
     tmp = out_dir.with_name(out_dir.name + ".saving")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp, safe_serialization=True)
+    config = getattr(model, "config", None)
+    training = {key: getattr(config, key) for key in getattr(model, "_srlm_config_dropout", {})}
+    for key, value in getattr(model, "_srlm_config_dropout", {}).items():
+        setattr(config, key, value)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        for key, value in training.items():
+            setattr(config, key, value)
     tokenizer.save_pretrained(tmp)
     fsync_tree(tmp)  # on disk before the rename publishes it (and before a manifest calls it complete)
     if out_dir.exists():
@@ -420,9 +428,11 @@ def load_model(path: Path | str, model: ModelConfig, device: str, *, dropout: fl
     config = AutoConfig.from_pretrained(path, **kwargs)
     if model.attention != "auto":
         kwargs["attn_implementation"] = model.attention
+    saved_dropout = {}
     if dropout is not None:
         for key in DROPOUT_KEYS:
             if hasattr(config, key):
+                saved_dropout[key] = getattr(config, key)
                 setattr(config, key, dropout)
     try:
         # use_kernels=False: transformers (5.2x) otherwise swaps layers for Hub kernels, code fetched from the Hub when
@@ -443,4 +453,7 @@ def load_model(path: Path | str, model: ModelConfig, device: str, *, dropout: fl
         from .attention import register
 
         lm.set_attn_implementation(register())
+    # The training dropout is not the model's: save_checkpoint writes these back, so that a published M(t) is not
+    # fine-tuned elsewhere with dropout its config never asked for.
+    lm._srlm_config_dropout = saved_dropout
     return lm.to(device)

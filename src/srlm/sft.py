@@ -7,12 +7,10 @@ Resumable: restarts from the last Trainer checkpoint in `<out>.work/`; `<out>` a
 from __future__ import annotations
 
 import random
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from .allocator import tensor_stage
-from .errors import InputError
 from .judging import PAPER_TEMPLATE, judge_request
 from .records import EFTExample, IFTExample
 
@@ -32,19 +30,6 @@ def sft_rows(ift: Sequence[IFTExample], eft: Sequence[EFTExample], template: str
     return rows
 
 
-def drop_overlong(rows: list[dict], tokenizer, max_length: int) -> list[dict]:
-    """Leave out examples longer than max_length: truncation would cut an EFT target before its
-    "Score: N", teaching the judge to stop without a verdict (PAPER.md §7, parse failures)."""
-    kept = [r for r in rows
-            if len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True)["input_ids"]) <= max_length]
-    if len(kept) < len(rows):
-        print(f"[srlm] sft: {len(rows) - len(kept)} of {len(rows)} examples are longer than sft.max_length="
-              f"{max_length} tokens and are left out", file=sys.stderr)
-    if not kept:
-        raise InputError(f"every SFT example is longer than sft.max_length={max_length} tokens; raise it")
-    return kept
-
-
 @tensor_stage
 def train_sft(
     model_path: Path | str,
@@ -60,13 +45,22 @@ def train_sft(
     from trl import SFTConfig, SFTTrainer
 
     from .models import load_model, load_tokenizer, pick_device
-    from .training import TRAINING_DTYPE, finish, last_checkpoint, pin_training, scored_positions_only, trainer_config
+    from .training import (
+        TRAINING_DTYPE,
+        drop_overlong,
+        finish,
+        last_checkpoint,
+        pin_training,
+        scored_positions_only,
+        trainer_config,
+    )
 
     device = pick_device(config.device)
     rows = sft_rows(ift, eft, template, config.seed)
     work_dir = out_dir.with_name(out_dir.name + ".work")
     tokenizer = load_tokenizer(model_path, config.model)
-    rows = drop_overlong(rows, tokenizer, config.sft.max_length)
+    # Truncation would cut an EFT target before its "Score: N", teaching the judge to stop without a verdict.
+    rows = drop_overlong(rows, tokenizer, config.sft.max_length, "sft", ("completion",))
     pin_training(work_dir, "sft", config, rows, model=model_path)
     model = load_model(model_path, config.model, device, dropout=config.sft.dropout, dtype=TRAINING_DTYPE)
     padding_free = config.sft.padding_free

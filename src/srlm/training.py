@@ -35,11 +35,21 @@ def trainer_config(cls, section, *, work_dir: Path, device: str, seed: int, **ov
 def training_arguments(section, *, work_dir: Path, device: str, seed: int) -> dict:
     """Keyword arguments for a TRL config (SFTConfig / DPOConfig) from an `sft` or `dpo` config section."""
 
+    from .rundir import first_process
+
     # section.batch_size is the batch of one optimizer step over every process (PAPER.md §4: 16), so under
     # `accelerate launch` on several GPUs each accumulates its share, not the whole.
     processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
     micro = min(section.micro_batch_size, max(1, section.batch_size // processes))
+    # The largest micro-batch that splits the step evenly over the processes, where one does.
+    micro = next((m for m in range(micro, 0, -1) if section.batch_size % (m * processes) == 0), micro)
     accumulation = max(1, math.ceil(section.batch_size / (micro * processes)))
+    if (step := micro * accumulation * processes) != section.batch_size and first_process():
+        import sys
+
+        print(f"[srlm] {work_dir.name}: a step is {step} examples ({processes} processes x {micro} x {accumulation} "
+              f"accumulated), not batch_size={section.batch_size}, which {processes} processes cannot split evenly; "
+              "choose a batch_size divisible by the number of processes", file=sys.stderr)
     from .models import cpu_has_native_bf16, gpu_has_native_bf16
 
     bf16 = section.bf16
@@ -127,6 +137,30 @@ def last_checkpoint(work_dir: Path) -> str | None:
             pass
         shutil.rmtree(checkpoint, ignore_errors=True)
     return None
+
+
+def drop_overlong(rows: list[dict], tokenizer, max_length: int, stage: str, completions: tuple[str, ...]) -> list[dict]:
+    """Leave out (and count on stderr) the rows whose prompt with any of its `completions` is over `max_length`
+    tokens, rather than let TRL cut them: an SFT example's EFT target would lose its "Score: N"; a DPO pair would be
+    dropped without a word when its prompt is too long, or else have its chosen and rejected responses cut at
+    different points and compared over spans of different lengths."""
+    import sys
+
+    from .errors import InputError
+
+    def length(row: dict) -> int:
+        return max(len(tokenizer.apply_chat_template(row["prompt"] + row[key], tokenize=True)["input_ids"])
+                   for key in completions)
+
+    kept = [r for r in rows if length(r) <= max_length]
+    unit = "pairs" if stage == "dpo" else "examples"
+    if len(kept) < len(rows):
+        print(f"[srlm] {stage}: {len(rows) - len(kept)} of {len(rows)} {unit} are longer than {stage}.max_length="
+              f"{max_length} tokens and are left out", file=sys.stderr)
+    if not kept:
+        raise InputError(f"every {stage.upper()} {unit[:-1]} is longer than {stage}.max_length={max_length} tokens; "
+                         "raise it")
+    return kept
 
 
 def pin_training(work_dir: Path, section: str, config, rows: list, **models: Path | str | None) -> None:
