@@ -32,6 +32,17 @@ def test_no_preset_means_tiny():
     assert load_config() == load_config(preset="tiny")
 
 
+def test_a_config_file_changes_the_preset_it_is_given_over(tmp_path):
+    # A file of two keys gave the built-in defaults for everything else (64 prompts, 512-token responses): not tiny.
+    small = tmp_path / "small.yaml"
+    small.write_text("candidates:\n  n: 8\n")
+    tiny, defaults = load_config(preset="tiny"), RunConfig()
+    config = load_config(small)
+    assert config.candidates.n == 8 and config.prompts.num_prompts == tiny.prompts.num_prompts != 64
+    assert config.model_copy(update={"candidates": tiny.candidates}) == tiny
+    assert load_config(small, "none").model_copy(update={"candidates": defaults.candidates}) == defaults
+
+
 def test_set_overrides_with_types():
     c = load_config(overrides=["candidates.n=6", "judge.template=/tmp/t.txt", "prompts.blocked_keywords=[a, b]"])
     assert c.candidates.n == 6 and str(c.judge.template) == "/tmp/t.txt" and c.prompts.blocked_keywords == ["a", "b"]

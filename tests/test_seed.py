@@ -39,3 +39,21 @@ def test_limited_eft_still_teaches_every_score():
     subset = load_eft(limit=12)
     assert Counter(x.score for x in subset) == {s: 2 for s in range(6)}
     assert balanced_head(load_eft(), 7)[6].score == 0
+
+
+def test_a_limit_that_cuts_the_users_own_file_is_said_once(tmp_path, capsys):
+    from srlm.seed import shipped
+
+    mine = tmp_path / "ift.jsonl"
+    mine.write_text(shipped("ift").read_text())
+    total = len(load_ift(mine))
+    assert len(load_ift(mine, 24)) == 24 and len(load_ift(mine, 24)) == 24  # checked at the door, then loaded
+    err = capsys.readouterr().err
+    assert err.count(f"{mine}: using the first 24 of {total} examples (data.ift_limit=24; --set data.ift_limit=null "
+                     "for all)") == 1
+    load_ift(None, 24)  # the shipped seed: the preset's choice, not news
+    assert capsys.readouterr().err == ""
+    mine_eft = tmp_path / "eft.jsonl"
+    mine_eft.write_text(shipped("eft").read_text())
+    load_eft(mine_eft, 36)
+    assert f"{mine_eft}: using a score-balanced 36 of" in capsys.readouterr().err

@@ -42,8 +42,9 @@ environment:
 def _config_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration (preset < --config < --set)")
     group.add_argument("--preset", help="a shipped preset: tiny (default; embedded model, CPU) or paper "
-                                        "(the paper's sizes, for GPUs)")
-    group.add_argument("--config", type=Path, help="a YAML config file (overrides the preset)")
+                                        "(the paper's sizes, for GPUs); none: the built-in defaults")
+    group.add_argument("--config", type=Path, help="a YAML config file, over the preset (tiny unless --preset says "
+                                                   "otherwise): it needs only the keys it changes")
     group.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one key, e.g. --set candidates.n=4 (repeatable)")
 
@@ -79,7 +80,7 @@ def cmd_run(args) -> int:
             from .errors import RunDirError
 
             raise RunDirError(f"{root}: not a srlm run directory (no config.yaml)")
-        config = load_config(saved, None, args.overrides)
+        config = load_config(saved, "none", args.overrides)  # config.yaml is complete: no preset beneath it
         run(config, root, resume=True)
         return 0
     extra = []

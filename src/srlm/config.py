@@ -318,7 +318,8 @@ PRESETS = ("tiny", "paper")
 
 def preset_path(name: str) -> Path:
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; expected one of: {', '.join(PRESETS)}, or none (the built-in "
+                          "defaults)")
     return Path(str(importlib.resources.files("srlm") / "presets" / f"{name}.yaml"))
 
 
@@ -400,12 +401,13 @@ def load_config(
 ) -> RunConfig:
     """Resolve preset < config file < --set overrides into one validated RunConfig.
 
-    With neither a preset nor a config file, the `tiny` preset applies (the embedded model on a CPU)."""
+    Without a preset the `tiny` one applies (the embedded model on a CPU), under a config file too: a file that sets a
+    few keys means "tiny, with these"; preset "none" starts from the built-in defaults instead (a run's own
+    config.yaml, complete, on resume)."""
     data: dict[str, Any] = {}
     sources = []
-    if preset is None and config_file is None:
-        preset = "tiny"
-    if preset is not None:
+    preset = preset or "tiny"
+    if preset != "none":
         data = _read_yaml(preset_path(preset))
         sources.append(f"preset {preset}")
     if config_file is not None:

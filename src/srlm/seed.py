@@ -18,9 +18,26 @@ def shipped(name: str) -> Path:
     return Path(str(importlib.resources.files("srlm") / "seed" / f"{name}.jsonl"))
 
 
+_told: set[tuple[str, int, int]] = set()
+
+
+def _say_limit(path: Path | None, kept: int, total: int, key: str, which: str = "the first") -> None:
+    """A user's own seed file cut by a preset's limit is said once (the shipped seed's limit is the preset's to set):
+    a run on 24 of 3,000 examples, unannounced, looks like a run on all of them."""
+    if path is None or kept >= total or (str(path), kept, total) in _told:
+        return
+    import sys
+
+    _told.add((str(path), kept, total))
+    print(f"[srlm] {path}: using {which} {kept} of {total} examples ({key}={kept}; --set {key}=null for all)",
+          file=sys.stderr)
+
+
 def load_ift(path: Path | None = None, limit: int | None = None) -> list[IFTExample]:
     records = read_jsonl(path or shipped("ift"), IFTExample)
-    return records[:limit] if limit else records
+    kept = records[:limit] if limit else records
+    _say_limit(path, len(kept), len(records), "data.ift_limit")
+    return kept
 
 
 def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExample]:
@@ -40,7 +57,9 @@ def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExam
         records.append(record)
     if not records:
         raise InputError("file is empty (expected at least one EFTExample record)", path=path)
-    return balanced_head(records, limit) if limit else records
+    kept = balanced_head(records, limit) if limit else records
+    _say_limit(path, len(kept), len(records), "data.eft_limit", "a score-balanced")
+    return kept
 
 
 def balanced_head(records: list[EFTExample], limit: int) -> list[EFTExample]:
