@@ -234,3 +234,10 @@ def test_a_judge_output_is_pinned_to_the_text_of_its_prompt_file(tiny_model, tmp
     template.write_text("Be strict. " + template.read_text())
     assert main(judge) == 5
     assert "holds judgments made with other settings (judge.template_sha256: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_prompts_refuses_a_count_below_one(tmp_path, value, capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["prompts", "--model", "m", "--out", str(tmp_path / "p.jsonl"), "--num", value])
+    assert done.value.code == 2 and f"--num: must be at least 1, found {value}" in capsys.readouterr().err

@@ -665,3 +665,17 @@ def test_the_shipped_alpaca_eval_prompts_load(tmp_path):
         turns = template_turns(load_pairwise_template(shipped / name))
         assert [role for role, _ in turns] == ["system", "user"]
         assert all(slot in turns[1][1] for slot in ("<INSTRUCTION_HERE>", "<RESPONSE_A_HERE>", "<RESPONSE_B_HERE>"))
+
+
+def test_a_standalone_comparison_caps_responses_as_the_run_evaluates(tmp_path):
+    # `srlm eval h2h` capped responses at candidates.max_new_tokens (128 in tiny) where `srlm run` uses
+    # eval.h2h_max_new_tokens: win rates of the two paths could not be compared.
+    from srlm.config import load_config
+
+    out = tmp_path / "h2h"
+    main(["eval", "h2h", "--a-outputs", str(REFERENCE), "--b-outputs", str(REFERENCE), "--prompts", str(REFERENCE),
+          "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m", "--set", "generation.max_retries=0",
+          "--out", str(out)])
+    expected = load_config().eval.h2h_max_new_tokens
+    assert json.loads((out / "settings.json").read_text())["max_new_tokens"] == expected != load_config().candidates.max_new_tokens
+

@@ -465,7 +465,7 @@ def cmd_eval_h2h(args) -> int:
     summary = head_to_head(instructions, side(args.a, args.a_outputs), side(args.b, args.b_outputs), judge, args.out,
                            judge_name=judge_name, judge_weights=judge_weights, template=template, temperature=args.temperature,
                            top_p=config.candidates.top_p,
-                           max_new_tokens=args.max_new_tokens or config.candidates.max_new_tokens,
+                           max_new_tokens=args.max_new_tokens or config.eval.h2h_max_new_tokens,
                            judge_max_new_tokens=args.judge_max_new_tokens or config.judge.max_new_tokens,
                            batch_size=g.batch_size, seed=config.seed, resamples=args.resamples)
     print(render(summary))
@@ -535,8 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default: the IFT seed)")
     p.add_argument("--earlier", type=Path, nargs="*", default=[], metavar="JSONL",
                    help="prompts of earlier iterations: new ones too like them (ROUGE-L) are dropped, as by `srlm run`")
-    p.add_argument("--num", type=int, help="prompts to keep (default: prompts.num_prompts)")
-    p.add_argument("--iteration", type=int, default=1, help="iteration number, used in record ids")
+    p.add_argument("--num", type=_positive_int, help="prompts to keep (default: prompts.num_prompts)")
+    p.add_argument("--iteration", type=_positive_int, default=1, help="iteration number, used in record ids")
     p.add_argument("--out", type=Path, required=True, help="prompts JSONL to write")
     _config_options(p)
     p.set_defaults(func=cmd_prompts)
@@ -704,7 +704,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="directory for the outputs, verdicts and h2h.json")
     p.add_argument("--max-prompts", type=_positive_int, metavar="N", help="compare on the first N prompts only")
     p.add_argument("--max-new-tokens", type=_positive_int, metavar="N",
-                   help="length cap of a response of A or B (unset: candidates.max_new_tokens)")
+                   help="length cap of a response of A or B (unset: eval.h2h_max_new_tokens, as `srlm run` "
+                        "evaluates)")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature of A and B (0: greedy)")
     p.add_argument("--judge-max-new-tokens", type=_positive_int, metavar="N",
                    help="length cap of a judgment (unset: judge.max_new_tokens)")
