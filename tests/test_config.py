@@ -56,6 +56,8 @@ def test_set_overrides_with_types():
     ("dpo.reference=m7", "dpo.reference"),
     ("sft.min_learning_rate=1", "sft.min_learning_rate must not exceed sft.learning_rate"),
     ("candidates.n", "expected key=value"),
+    # A union type's branches in one line, not pydantic's "batch_size.constrained-int" and "batch_size.literal['auto']".
+    ("generation.batch_size=0", "generation.batch_size: should be greater than or equal to 1 or 'auto' (found 0)"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -82,3 +84,19 @@ def test_every_field_has_help():
     rows = describe_fields()
     assert len(rows) > 40
     assert all(help_text for _, _, help_text in rows)
+
+
+def test_a_check_across_keys_says_its_message_without_the_whole_config():
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=["generation.backend=openai", "generation.base_url=http://x/v1", "judge.mode=expected"])
+    assert "judge.mode=expected reads the judge's next-token probabilities" in str(e.value)
+    assert "(top level)" not in str(e.value) and "'seed'" not in str(e.value) and "Value error" not in str(e.value)
+
+
+def test_config_list_writes_values_as_set_takes_them(capsys):
+    from srlm.cli import main
+
+    assert main(["config", "--list"]) == 0
+    out = capsys.readouterr().out
+    assert "data.ift_limit = 24   (default: null)" in out and "model.trust_remote_code = false" in out
+    assert "None" not in out.replace("(null: all", "") and "True" not in out

@@ -481,12 +481,12 @@ def cmd_report(args) -> int:
 
 
 def cmd_config(args) -> int:
-    from .config import config_to_yaml, describe_fields, flat_keys
+    from .config import config_to_yaml, describe_fields, flat_keys, yaml_value
 
     if args.list:
         # The values a run with these options would use (the tiny preset unless told otherwise), and the built-in
-        # default beside any that differs from it: the defaults are the paper's.
-        values = {key: repr(value) for key, value in flat_keys(_load(args), None).items()}
+        # default beside any that differs from it: the defaults are the paper's. Written as --set takes them.
+        values = {key: yaml_value(value) for key, value in flat_keys(_load(args), None).items()}
         for key, default, help_text in describe_fields():
             value = values.get(key, default)
             beside = f"   (default: {default})" if value != default else ""

@@ -55,8 +55,8 @@ class ModelConfig(Section):
 class DataConfig(Section):
     ift: Path | None = Field(None, description="IFT seed JSONL (id, prompt, response); default: the shipped seed.")
     eft: Path | None = Field(None, description="EFT seed JSONL (id, prompt, response, judgment, score); default: shipped.")
-    ift_limit: int | None = Field(None, ge=1, description="Use at most this many IFT examples (None: all).")
-    eft_limit: int | None = Field(None, ge=1, description="Use at most this many EFT examples (None: all).")
+    ift_limit: int | None = Field(None, ge=1, description="Use at most this many IFT examples (null: all).")
+    eft_limit: int | None = Field(None, ge=1, description="Use at most this many EFT examples (null: all).")
 
 
 def _bf16_field():
@@ -219,15 +219,15 @@ class EvalConfig(Section):
         "with humans of every model (PAPER.md §5).")
     judge_split: Literal["eval", "train", "all"] = Field(
         "eval", description="Split of judge_data by prompt id (eval: the held-out quarter).")
-    judge_max_prompts: int | None = Field(50, ge=1, description="Use the first N prompts of the split (None: all).")
+    judge_max_prompts: int | None = Field(50, ge=1, description="Use the first N prompts of the split (null: all).")
     ifeval_data: Path | None = Field(
         None, description="IFEval input_data.jsonl: instruction-following accuracy of every model.")
-    ifeval_limit: int | None = Field(50, ge=1, description="Use the first N IFEval prompts (None: all 541).")
+    ifeval_limit: int | None = Field(50, ge=1, description="Use the first N IFEval prompts (null: all 541).")
     ifeval_max_new_tokens: int = Field(512, ge=1, description="Length cap of an IFEval response (greedy).")
     h2h_prompts: Path | None = Field(
         None, description="Instructions (AlpacaEval JSON, or JSONL with instruction/prompt/text): head-to-head of "
         "each M(t) against M(t-1), both orders, with length-controlled win rate (PAPER.md §5).")
-    h2h_limit: int | None = Field(50, ge=1, description="Use the first N instructions (None: all).")
+    h2h_limit: int | None = Field(50, ge=1, description="Use the first N instructions (null: all).")
     h2h_judge: str = Field(
         "self", description="Who judges head-to-heads: self (the newer model; offline, biased toward itself), a "
         "local model directory, or the base URL of an OpenAI-compatible server (with h2h_judge_model).")
@@ -372,16 +372,41 @@ def _apply_set(data: dict, assignment: str) -> dict:
 
 
 def _explain(error: ValidationError, source: str) -> ConfigError:
-    lines = []
+    lines: list[str] = []
+    unions: dict[str, list[str]] = {}  # key -> what each branch of a union type wanted
+    found: dict[str, Any] = {}
     for e in error.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
         if e["type"] == "extra_forbidden":
             section = _section_for(e["loc"][:-1])
             valid = ", ".join(sorted(section.model_fields)) if section else ""
+            key = ".".join(str(p) for p in e["loc"])
             lines.append(f"{key}: unknown key" + (f" (valid keys here: {valid})" if valid else ""))
+            continue
+        path = _field_path(e["loc"])
+        key = ".".join(path)
+        if not key:  # a check across keys (a model validator): its message names them, the input is the whole config
+            lines.append(e["msg"].removeprefix("Value error, "))
+        elif len(path) < len(e["loc"]):  # one branch of a union type (batch_size: a number or "auto")
+            unions.setdefault(key, []).append(e["msg"].removeprefix("Input should be "))
+            found[key] = e.get("input")
         else:
             lines.append(f"{key}: {e['msg']} (found {e.get('input')!r})")
+    lines += [f"{key}: should be {' or '.join(wants)} (found {found[key]!r})" for key, wants in unions.items()]
     return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
+
+
+def _field_path(loc: tuple) -> list[str]:
+    """The config keys of an error's location, without what pydantic appends for a union's branches
+    ("constrained-int", "literal['auto']")."""
+    model: type[BaseModel] | None = RunConfig
+    path: list[str] = []
+    for part in loc:
+        if model is None or str(part) not in model.model_fields:
+            break
+        path.append(str(part))
+        ann = model.model_fields[str(part)].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return path
 
 
 def _section_for(loc: tuple) -> type[BaseModel] | None:
@@ -436,5 +461,13 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
             rows.extend(describe_fields(ann, f"{prefix}{name}."))
         else:
             default = field.default_factory() if field.default_factory else field.default
-            rows.append((f"{prefix}{name}", repr(default), field.description or ""))
+            rows.append((f"{prefix}{name}", yaml_value(default), field.description or ""))
     return rows
+
+
+def yaml_value(value: Any) -> str:
+    """A value as `--set` takes it (YAML): null, true, [a, b], not Python's None, True, ['a', 'b']."""
+    import json
+
+    plain = json.loads(json.dumps(value, default=str))  # paths and enums as the strings a config file holds
+    return yaml.safe_dump(plain, default_flow_style=True, width=10**6).strip().removesuffix("\n...").strip()
