@@ -241,3 +241,15 @@ def test_prompts_refuses_a_count_below_one(tmp_path, value, capsys):
     with pytest.raises(SystemExit) as done:
         main(["prompts", "--model", "m", "--out", str(tmp_path / "p.jsonl"), "--num", value])
     assert done.value.code == 2 and f"--num: must be at least 1, found {value}" in capsys.readouterr().err
+
+
+def test_an_unknown_option_is_refused_with_its_subcommands_usage(tmp_path, capsys):
+    # The top level's usage ("srlm [-h] COMMAND ...") said nothing of what `respond` takes.
+    with pytest.raises(SystemExit) as done:
+        main(["respond", "--model", "m", "--prompts", "p.jsonl", "--out", "c.jsonl", "--temperature", "0.5"])
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "usage: srlm respond" in err
+    assert "unrecognized arguments: --temperature 0.5 (config keys are set with --set section.key=value" in err
+    with pytest.raises(SystemExit):
+        main(["eval", "judge", "--model", "m", "--bogus"])
+    assert "usage: srlm eval judge" in capsys.readouterr().err

@@ -724,7 +724,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="every config key with its default and meaning")
     _config_options(p)
     p.set_defaults(func=cmd_config)
+    _remember_parsers(parser)
     return parser
+
+
+def _remember_parsers(parser: argparse.ArgumentParser) -> None:
+    """Give each subcommand's parser to its own arguments (`_parser`), so that an argument it does not know is
+    refused with that subcommand's usage rather than the top level's."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                sub.set_defaults(_parser=sub)
+                _remember_parsers(sub)
 
 
 def _quiet_libraries() -> None:
@@ -764,7 +775,13 @@ def _refused(e: OSError) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        hint = ""
+        if any(a.startswith("--") for a in unknown) and any(a.dest == "overrides" for a in args._parser._actions):
+            hint = " (config keys are set with --set section.key=value; `srlm config --list` lists them)"
+        args._parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     if args.func not in (cmd_pairs, cmd_config, cmd_data_validate, cmd_report):
         from .allocator import keep_freed_memory
 
