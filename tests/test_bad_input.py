@@ -70,6 +70,11 @@ def edited_config(root: Path) -> Path:
     return root
 
 
+def edited_eval(root: Path) -> Path:
+    (root / "eval.jsonl").write_text('{"model": "M1"}\n{"model": "M2", \n')
+    return root
+
+
 def changed_template(tmp: Path) -> Path:
     from srlm.judging import load_template
 
@@ -187,6 +192,12 @@ CASES = [
                                                                                         "prompt": "Q", "reply": "A"}))),
                                                  "--split", "all", "--out", str(t / "ev")], 4,
      ["r.jsonl:1: field 'human_score'", "missing"]),
+    ("ranked replies as one JSON array", lambda t: ["eval", "judge", "--model", "embedded:smollm2-135m-instruct",
+                                                    "--data", str(put(t, "a.json", "[\n" + json.dumps({"id": "r"}) + "]")),
+                                                    "--out", str(t / "ev")], 4,
+     ["a.json: is a JSON array, but ranked replies and pairwise labels are JSONL", "jq -c '.[]'"]),
+    ("a run's eval.jsonl edited by hand", lambda t: ["report", str(edited_eval(made_run(t))), "--no-plot"], 4,
+     ["eval.jsonl:2: invalid JSON"]),
     # -- models: exit 6 -----------------------------------------------------------------------------------
     ("model path missing", lambda t: ["run", "--set", f"model.name_or_path={t / 'none'}", "--out", str(t / "run")], 6,
      ["no such directory"]),

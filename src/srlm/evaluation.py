@@ -155,6 +155,9 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
     path = Path(path)
     with open_input(path, "a JSONL file of ranked replies or pairwise labels") as f:
         first = f.readline().removeprefix(b"\xef\xbb\xbf")
+    if first.lstrip().startswith(b"["):  # AlpacaEval's annotations come as one array
+        raise InputError(f"is a JSON array, but ranked replies and pairwise labels are JSONL (one object per line); "
+                         f"convert it with: jq -c '.[]' {path} > labels.jsonl", path=path)
     try:
         keys = set(json.loads(first))
     except (ValueError, TypeError, RecursionError):  # read_jsonl below names what is wrong with the line

@@ -6,7 +6,6 @@ ones a stopped run most needs), and one that has not been trained into M(t+1) is
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .pairs import select_pairs
@@ -136,7 +135,19 @@ def read_eval(root: Path) -> list[dict]:
     path = Path(root) / "eval.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    from .errors import InputError
+    from .records import load_json, read_input
+
+    # srlm writes it whole (atomically); a hand edit gets a file:line error, not a traceback.
+    try:
+        text = read_input(path, "the run's evaluation results (JSONL)").decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"invalid UTF-8 at byte {e.start}", path=path)
+    rows = [(n, load_json(line, path, n)) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
+    for n, row in rows:
+        if not isinstance(row, dict):
+            raise InputError(f"expected a JSON object, found {type(row).__name__}", path=path, line=n)
+    return [row for _, row in rows]
 
 
 def _value(result: dict, key: tuple[str, ...]):
