@@ -196,6 +196,8 @@ CASES = [
                                                     "--data", str(put(t, "a.json", "[\n" + json.dumps({"id": "r"}) + "]")),
                                                     "--out", str(t / "ev")], 4,
      ["a.json: is a JSON array, but ranked replies and pairwise labels are JSONL", "jq -c '.[]'"]),
+    ("an EFT file given as IFT", lambda t: run_with(t, ift=jsonl(EFT)), 4,
+     ["ift.jsonl:1: field 'judgment': unknown field", "this looks like an EFT file (give it as --eft)"]),
     ("a run's eval.jsonl edited by hand", lambda t: ["report", str(edited_eval(made_run(t))), "--no-plot"], 4,
      ["eval.jsonl:2: invalid JSON"]),
     # -- models: exit 6 -----------------------------------------------------------------------------------
@@ -218,7 +220,7 @@ CASES = [
                                                    "--out", str(t / "run")], 6, ["no such directory"]),
     # -- run directories: exit 5 --------------------------------------------------------------------------
     ("resume a non-run", lambda t: ["run", "--resume", str(t)], 5, ["not a srlm run directory"]),
-    ("resume a missing directory", lambda t: ["run", "--resume", str(t / "nope")], 5, ["not a srlm run directory"]),
+    ("resume a missing directory", lambda t: ["run", "--resume", str(t / "nope")], 5, ["nope: no such run directory"]),
     ("resume with another config", lambda t: ["run", "--resume", str(made_run(t)), "--set", "candidates.n=6"], 5,
      ["different config", "candidates.n: 4 -> 6"]),
     ("resume a run from before the manifest kept its config", lambda t: [
@@ -252,7 +254,7 @@ def test_bad_input_is_refused_clearly(build, code, fragments, tmp_path, capsys):
         assert fragment in err, f"{fragment!r} not in {err!r}"
     # Refused at the door: no run directory was made for a run that could not start.
     if argv[0] == "run" and "--out" in argv and code != 5:
-        assert not (tmp_path / "run").exists()
+        assert not (tmp_path / "run").exists() and "run directory:" not in err
 
 
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("vllm") is not None, reason="vLLM is installed here")

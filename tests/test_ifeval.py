@@ -147,6 +147,11 @@ def test_cli_limit_and_usage_errors(tmp_path, capsys):
     assert "give --model M" in capsys.readouterr().err
     assert main([*args, "--responses", str(tmp_path / "none.jsonl")]) == 4
     assert "file not found" in capsys.readouterr().err
+    fresh = ["eval", "ifeval", "--data", str(DATA), "--out", str(tmp_path / "fresh")]
+    assert main([*fresh, "--responses", str(tmp_path / "none.jsonl")]) == 4
+    assert not (tmp_path / "fresh").exists()  # refused before it was made
+    assert main([*fresh, "--responses", str(RESPONSES), "--set", "generation.batch_size=4"]) == 2
+    assert "--set, --config and --preset (which set how responses are generated) have no effect" in capsys.readouterr().err
 
 
 def test_cli_generates_with_a_tiny_model_and_resumes(tiny_model, tmp_path, capsys):

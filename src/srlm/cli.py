@@ -79,6 +79,8 @@ def cmd_run(args) -> int:
         if not saved.exists():
             from .errors import RunDirError
 
+            if not root.is_dir():
+                raise RunDirError(f"{root}: no such run directory")
             raise RunDirError(f"{root}: not a srlm run directory (no config.yaml)")
         config = load_config(saved, "none", args.overrides)  # config.yaml is complete: no preset beneath it
         run(config, root, resume=True)
@@ -90,7 +92,6 @@ def cmd_run(args) -> int:
         extra.append(f"data.eft={args.eft.resolve()}")
     config = _load(args, extra)
     out = args.out or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    print(f"[srlm] run directory: {out}", file=sys.stderr)
     run(config, out)
     return 0
 
@@ -390,12 +391,16 @@ def cmd_eval_ifeval(args) -> int:
                         "made elsewhere), one of the two")
     every = ifeval.load_prompts(args.data)  # validated before minutes go into loading a model
     rows = every[: args.limit] if args.limit else every
-    args.out.mkdir(parents=True, exist_ok=True)
     about = dict(model=args.model, data=str(args.data), responses=None, limit=args.limit)
     if args.responses:
+        if args.overrides or args.config or args.preset:
+            raise SrlmError("--responses scores responses made elsewhere: --set, --config and --preset (which set how "
+                            "responses are generated) have no effect there; drop them")
         responses = ifeval.load_responses(args.responses, rows, every)
         about.update(responses=str(args.responses))
+        args.out.mkdir(parents=True, exist_ok=True)  # once the responses are known good: no empty --out left behind
     else:
+        args.out.mkdir(parents=True, exist_ok=True)
         config = _ready(_load(args), args.model)
         model = _model_identity(args.model)
         ifeval.check_settings(args.out, dict(model=model, data=str(args.data.resolve()),

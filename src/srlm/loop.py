@@ -407,6 +407,7 @@ class Run:
 def run(config: RunConfig, out: Path, *, resume: bool = False) -> dict:
     """Run (or resume) the whole method into `out`; returns the summary also written to `out/summary.json`."""
     job = Run(config, out, resume=resume)
+    say(f"[srlm] run directory: {out}")  # once it exists: inputs refused at the door make none
     try:
         return job.execute()
     finally:
