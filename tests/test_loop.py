@@ -383,3 +383,26 @@ def test_the_loop_on_the_vllm_backend(tiny_model_vllm, tmp_path, mode):
     assert len(judgments) == len(candidates) * (2 if mode == "sample" else 1)
     assert summary["iterations"][1]["pairs"] == len(read_jsonl(root / "iter_1" / "pairs.jsonl", Pair)) > 0
     assert AutoModelForCausalLM.from_pretrained(root / "models" / "M2").config.num_hidden_layers == 2
+
+
+def test_a_run_records_its_files_by_absolute_path(tiny_model, tmp_path, monkeypatch):
+    # config.yaml is read again by `--resume` from wherever it runs: a relative path would name another file.
+    from conftest import FIXTURES
+    from srlm.loop import Run
+
+    (tmp_path / "judge.txt").write_text((FIXTURES / "short_judge_template.txt").read_text())
+    monkeypatch.chdir(tmp_path)
+    config = tiny_config(tiny_model, "judge.template=judge.txt")
+    job = Run(config, tmp_path / "run")
+    job.dir.unlock()
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["judge"]["template"] == str(tmp_path / "judge.txt")
+    monkeypatch.chdir(tmp_path / "run")  # a resume from elsewhere, giving an eval set anew by a relative path
+    (tmp_path / "run" / "ifeval.jsonl").write_text((FIXTURES / "ifeval" / "input_data.jsonl").read_text())
+    job = Run(config.model_copy(update={"judge": config.judge.model_copy(update={"template": tmp_path / "judge.txt"}),
+                                        "eval": config.eval.model_copy(update={"ifeval_data": Path("ifeval.jsonl")})}),
+              tmp_path / "run", resume=True)
+    job.dir.unlock()
+    assert job.config.eval.ifeval_data == tmp_path / "run" / "ifeval.jsonl"
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["eval"]["ifeval_data"] == str(
+        tmp_path / "run" / "ifeval.jsonl")

@@ -244,13 +244,21 @@ def cmd_judge(args) -> int:
 
 
 def cmd_pairs(args) -> int:
+    from .judging import contains_judge_text
     from .pairs import select_pairs
     from .records import Candidate, Judgment, Prompt, check_links, read_jsonl, write_jsonl
 
     prompts, candidates = read_jsonl(args.prompts, Prompt), read_jsonl(args.candidates, Candidate)
     judgments = read_jsonl(args.judgments, Judgment)
     check_links(args.candidates, candidates, "prompt_id", prompts, args.prompts)
-    check_links(args.judgments, judgments, "candidate_id", candidates, args.candidates)
+    check_links(args.judgments, judgments, "candidate_id", candidates, args.candidates, same="prompt_id")
+    # Candidates made elsewhere may not carry srlm's flag: the text is what a judge was gamed by, so look at it.
+    unflagged = [c for c in candidates if not c.flagged and contains_judge_text(c.text)]
+    if unflagged:
+        print(f"[srlm] {len(unflagged)} candidates hold judge-format text their records did not flag; flagged here",
+              file=sys.stderr)
+        ids = {c.id for c in unflagged}
+        candidates = [c.model_copy(update={"flagged": True}) if c.id in ids else c for c in candidates]
     selection = select_pairs(prompts, candidates, judgments, exclude_flagged=not args.keep_flagged,
                              exclude_truncated=not args.keep_truncated)
     write_jsonl(args.out, selection.pairs)
@@ -501,6 +509,15 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("srlm")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="srlm",
@@ -509,6 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG + "\n" + ENVIRONMENT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"srlm {_version()}",
+                        help="srlm's version (with a bug report, please)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     fmt = DefaultsHelp
 

@@ -448,6 +448,19 @@ def load_config(
         raise _explain(e, " + ".join(sources) or "defaults")
 
 
+def absolute_paths(config: RunConfig, keys: set[str] | None = None) -> RunConfig:
+    """`config` with its file paths (of `keys` only, if given) made absolute: a run's config.yaml is read again from
+    wherever `--resume` is run, and a relative path would then name another file, or none."""
+    update: dict[str, dict] = {}
+    for section, value in config:
+        if not isinstance(value, BaseModel):
+            continue
+        for name, item in value:
+            if isinstance(item, Path) and not item.is_absolute() and (keys is None or f"{section}.{name}" in keys):
+                update.setdefault(section, {})[name] = item.resolve()
+    return config.model_copy(update={s: getattr(config, s).model_copy(update=u) for s, u in update.items()})
+
+
 def config_to_yaml(config: RunConfig) -> str:
     return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
 

@@ -31,7 +31,7 @@ import yaml
 from . import h2h, ifeval, models
 from .backends import capped_batch_size, close, make_generator, resolve_batch_size
 from .candidates import respond, respond_options, truncation_warning
-from .config import RunConfig, flat_keys
+from .config import RunConfig, absolute_paths, flat_keys
 from .dpo import train_dpo
 from .errors import JudgeIntegrityError, ModelError, RunDirError
 from .evaluation import first_prompts, load_ranked, measure_judge
@@ -76,7 +76,8 @@ class Run:
         self.config = config
         self.dir = RunDir(root)
         try:
-            self._open(config, root, resume)
+            self._open(root, resume)
+            config = self.config
         except BaseException:
             self.dir.unlock()  # a refused resume must not hold the directory while its error is handled
             raise
@@ -84,12 +85,15 @@ class Run:
         self._generator = None
         self._generator_model: Path | None = None
 
-    def _open(self, config: RunConfig, root: Path, resume: bool) -> None:
+    def _open(self, root: Path, resume: bool) -> None:
         if resume:
             manifest = self.dir.open()
             self.dir.lock()
             recorded = self._recorded_config(manifest)
-            # Evaluation settings never change what the method wrote; they apply to models not yet evaluated.
+            # Evaluation settings never change what the method wrote; they apply to models not yet evaluated. A path
+            # given anew (an eval set) is taken from where this resume runs; the recorded ones stay as they are.
+            changed = _changed_keys(recorded, self.config)
+            self.config = config = absolute_paths(self.config, changed)
             changed = _changed_keys(recorded, config)
             if refused := {k for k in changed if not k.startswith("eval.")} - RESUMABLE_CHANGES:
                 fa, fb = flat_keys(recorded), flat_keys(config)
@@ -106,6 +110,7 @@ class Run:
                 self._eval_sets()
                 self.dir.record_config(config)
         else:
+            self.config = config = absolute_paths(self.config)
             # Validate every input at the door, so that a typo never leaves a half-made run directory behind.
             self.template = load_template(config.judge.template)
             models.check(config.model)

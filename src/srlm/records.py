@@ -247,17 +247,24 @@ def read_jsonl(path: str | os.PathLike, model: type[R], *, allow_empty: bool = F
 
 
 def check_links(path: str | os.PathLike, records: Sequence[Record], field: str, parents: Sequence[Record],
-                parents_path: str | os.PathLike) -> None:
-    """Every record's `field` must name a record of `parents` (e.g. a candidate's prompt_id): files of a stage
-    given separately on the command line may come from different runs."""
-    known = {p.id for p in parents}
+                parents_path: str | os.PathLike, *, same: str | None = None) -> None:
+    """Every record's `field` must name a record of `parents` (e.g. a candidate's prompt_id), and agree with it on
+    `same` if given (a judgment's prompt_id with its candidate's): files of a stage given separately on the command
+    line may come from different runs."""
+    known = {p.id: p for p in parents}
+
+    def refuse(record: Record, message: str, field: str) -> InputError:
+        # Read back for its line: records keep no line numbers, and this is the rare path.
+        line = next((n for n, r in scan_jsonl(path, type(record)) if getattr(r, "id", None) == record.id), None)
+        return InputError(f"{message}; the files must come from the same run", path=Path(path), line=line, field=field)
+
     for record in records:
         value = getattr(record, field)
         if value not in known:
-            # Read back for its line: records keep no line numbers, and this is the rare path.
-            line = next((n for n, r in scan_jsonl(path, type(record)) if getattr(r, "id", None) == record.id), None)
-            raise InputError(f"{value!r} (record {record.id!r}) is not an id in {parents_path}; the files must come "
-                             "from the same run", path=Path(path), line=line, field=field)
+            raise refuse(record, f"{value!r} (record {record.id!r}) is not an id in {parents_path}", field)
+        if same is not None and getattr(record, same) != getattr(known[value], same):
+            raise refuse(record, f"{getattr(record, same)!r} (record {record.id!r}), but {value!r} in {parents_path} "
+                         f"has {same} {getattr(known[value], same)!r}", same)
 
 
 def fsync_dir(directory: Path) -> None:
