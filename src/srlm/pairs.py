@@ -15,8 +15,8 @@ from .records import Candidate, Judgment, Pair, Prompt
 TIE = "tie"
 TOO_FEW_JUDGED = "fewer than 2 candidates with a valid judgment"
 TOO_FEW_UNFLAGGED = "only candidates with judge-format text scored above the lowest"
-TOO_FEW_COMPLETE = "only candidates cut at the length cap scored above the lowest"
-TOO_FEW_ELIGIBLE = "only candidates with judge-format text or cut at the length cap scored above the lowest"
+TOO_FEW_COMPLETE = "only cut-off candidates scored above the lowest"
+TOO_FEW_ELIGIBLE = "only flagged or cut-off candidates scored above the lowest"
 # Two samples can be the same text, and the judge can still score them apart (sampled justifications, or the
 # rounding of a batch): such a pair would teach nothing and would count as a preference that is not one.
 SAME_TEXT = "best and worst candidates are the same text"
