@@ -275,6 +275,9 @@ def cmd_dpo(args) -> int:
     from .records import Pair, read_jsonl
 
     config = _load(args)
+    if config.dpo.reference == "m1" and not args.reference:
+        # Outside a run there is no M1 to find: the setting would be ignored, training against M(t) instead.
+        raise SrlmError("dpo.reference=m1: give the M1 model as --reference M1 (srlm dpo knows only --model)")
     pairs = read_jsonl(args.pairs, Pair)
     reference = _model_path(args.reference, config, "--reference") if args.reference else None
     start = time.time()
@@ -596,7 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt)
     p.add_argument("--model", required=True, help="M(t)")
     p.add_argument("--pairs", type=Path, required=True, help="pairs JSONL (`srlm pairs`' output)")
-    p.add_argument("--reference", help="reference model (default: M(t) itself)")
+    p.add_argument("--reference", help="reference model (default: M(t) itself, the paper's; with dpo.reference=m1, "
+                                       "give M1 here)")
     p.add_argument("--out", type=Path, required=True, help="output model directory")
     _config_options(p)
     p.set_defaults(func=cmd_dpo)
