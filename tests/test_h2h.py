@@ -668,7 +668,7 @@ def test_the_shipped_alpaca_eval_prompts_load(tmp_path):
 
 
 def test_a_standalone_comparison_caps_responses_as_the_run_evaluates(tmp_path):
-    # `srlm eval h2h` capped responses at candidates.max_new_tokens (128 in tiny) where `srlm run` uses
+    # `srlm eval h2h` capped responses at candidates.max_new_tokens (128 in tiny then) where `srlm run` uses
     # eval.h2h_max_new_tokens: win rates of the two paths could not be compared.
     from srlm.config import load_config
 
