@@ -199,6 +199,8 @@ CASES = [
     ("dpo.reference=m1 without --reference", lambda t: ["dpo", "--model", "m", "--pairs", "p.jsonl", "--out",
                                                         str(t / "M2"), "--set", "dpo.reference=m1"], 2,
      ["dpo.reference=m1: give the M1 model as --reference M1"]),
+    ("sft --ift-only with --eft", lambda t: ["sft", "--model", "m", "--ift-only", "--eft", "e.jsonl", "--out",
+                                             str(t / "M1")], 2, ["--ift-only trains on IFT alone: drop --eft"]),
     ("an EFT file given as IFT", lambda t: run_with(t, ift=jsonl(EFT)), 4,
      ["ift.jsonl:1: field 'judgment': unknown field", "this looks like an EFT file (give it as --eft)"]),
     ("a run's eval.jsonl edited by hand", lambda t: ["report", str(edited_eval(made_run(t))), "--no-plot"], 4,

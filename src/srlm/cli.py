@@ -101,6 +101,8 @@ def cmd_sft(args) -> int:
     from .seed import load_eft, load_ift
     from .sft import train_sft
 
+    if args.ift_only and args.eft:
+        raise SrlmError("--ift-only trains on IFT alone: drop --eft, or drop --ift-only to train on both")
     config = _load(args)
     ift = load_ift(args.ift or config.data.ift, config.data.ift_limit)
     eft = [] if args.ift_only else load_eft(args.eft or config.data.eft, config.data.eft_limit)
