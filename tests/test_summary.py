@@ -23,9 +23,13 @@ def test_candidates_cut_at_the_cap_are_marked_counted_and_warned_of(tmp_path):
     scores = {"p0-c0": 2, "p0-c1": 4, "p1-c0": 5, "p1-c1": 1}
     judgments = [Judgment(id=f"{c}-j0", candidate_id=c, prompt_id=c[:2], sample=0, text=f"Score: {s}", score=s)
                  for c, s in scores.items()]
-    stats = iteration_stats([], candidates, judgments, select_pairs(prompts, candidates, judgments), n_prompts=2)
+    # As a run with judge.exclude_truncated=false pairs them (by default a cut candidate is never chosen: p0 drops).
+    chosen_too = select_pairs(prompts, candidates, judgments, exclude_truncated=False)
+    stats = iteration_stats([], candidates, judgments, chosen_too, n_prompts=2)
     assert (stats["candidates_truncated"], stats["chosen_truncated"], stats["rejected_truncated"]) == (2, 1, 1)
     assert "cut at the length cap: all (chosen / rejected)  2 (1 / 1)" in format_table({1: stats})
+    stats = iteration_stats([], candidates, judgments, select_pairs(prompts, candidates, judgments), n_prompts=2)
+    assert (stats["pairs"], stats["chosen_truncated"], stats["rejected_truncated"]) == (1, 0, 1)
     assert truncation_warning(candidates, 16, 0.25).startswith("50% of candidates were cut at candidates.max_new_tokens=16")
     assert truncation_warning(candidates, 16, 0.5) is None  # not more than the limit
     assert truncation_warning(candidates[::2], 16, 0.0) is None and truncation_warning([], 16, 0.0) is None
