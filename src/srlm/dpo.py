@@ -52,25 +52,13 @@ def train_dpo(
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from .models import load_model, load_tokenizer, pick_device
-    from .training import (
-        TRAINING_DTYPE,
-        drop_overlong,
-        finish,
-        last_checkpoint,
-        pin_training,
-        scored_positions_only,
-        trainer_config,
-    )
+    from .models import load_model
+    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, start_stage, trainer_config
 
     if not pairs:
         raise ValueError("DPO needs at least one preference pair")
-    device = pick_device(config.device)
-    work_dir = out_dir.with_name(out_dir.name + ".work")
-    rows = dpo_rows(pairs)
-    pin_training(work_dir, "dpo", config, rows, model=model_path, reference=reference_path)
-    tokenizer = load_tokenizer(model_path, config.model)
-    rows = drop_overlong(rows, tokenizer, config.dpo.max_length, "dpo", ("chosen", "rejected"))
+    device, work_dir, tokenizer, rows = start_stage("dpo", model_path, out_dir, config, dpo_rows(pairs),
+                                                    ("chosen", "rejected"), reference=reference_path)
     model = load_model(model_path, config.model, device, dropout=config.dpo.dropout, dtype=TRAINING_DTYPE)
     ref_model = None
     if reference_path is not None and Path(reference_path) != Path(model_path):

@@ -44,24 +44,13 @@ def train_sft(
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from .models import load_model, load_tokenizer, pick_device
-    from .training import (
-        TRAINING_DTYPE,
-        drop_overlong,
-        finish,
-        last_checkpoint,
-        pin_training,
-        scored_positions_only,
-        trainer_config,
-    )
+    from .models import load_model
+    from .training import TRAINING_DTYPE, finish, last_checkpoint, scored_positions_only, start_stage, trainer_config
 
-    device = pick_device(config.device)
-    rows = sft_rows(ift, eft, template, config.seed)
-    work_dir = out_dir.with_name(out_dir.name + ".work")
-    tokenizer = load_tokenizer(model_path, config.model)
-    # Truncation would cut an EFT target before its "Score: N", teaching the judge to stop without a verdict.
-    rows = drop_overlong(rows, tokenizer, config.sft.max_length, "sft", ("completion",))
-    pin_training(work_dir, "sft", config, rows, model=model_path)
+    # Too long an example is left out: truncation would cut an EFT target before its "Score: N", teaching the judge
+    # to stop without a verdict.
+    device, work_dir, tokenizer, rows = start_stage("sft", model_path, out_dir, config,
+                                                    sft_rows(ift, eft, template, config.seed), ("completion",))
     model = load_model(model_path, config.model, device, dropout=config.sft.dropout, dtype=TRAINING_DTYPE)
     padding_free = config.sft.padding_free
     if padding_free == "auto":

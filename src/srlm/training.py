@@ -139,6 +139,20 @@ def last_checkpoint(work_dir: Path) -> str | None:
     return None
 
 
+def start_stage(section: str, model_path: Path | str, out_dir: Path, config, rows: list[dict],
+                completions: tuple[str, ...], **models: Path | str | None):
+    """What a training stage does before it loads a model: the device, the work directory beside `out_dir`, the
+    tokenizer, the rows that fit `max_length` (drop_overlong), and the work directory pinned to them (pin_training).
+    `models`: the models besides `model_path` the stage trains from (a DPO reference)."""
+    from .models import load_tokenizer, pick_device
+
+    tokenizer = load_tokenizer(model_path, config.model)
+    rows = drop_overlong(rows, tokenizer, getattr(config, section).max_length, section, completions)
+    work_dir = out_dir.with_name(out_dir.name + ".work")
+    pin_training(work_dir, section, config, rows, model=model_path, **models)
+    return pick_device(config.device), work_dir, tokenizer, rows
+
+
 def drop_overlong(rows: list[dict], tokenizer, max_length: int, stage: str, completions: tuple[str, ...]) -> list[dict]:
     """Leave out (and count on stderr) the rows whose prompt with any of its `completions` is over `max_length`
     tokens, rather than let TRL cut them: an SFT example's EFT target would lose its "Score: N"; a DPO pair would be
