@@ -229,6 +229,17 @@ def scan_jsonl(path: str | os.PathLike, model: type[R]) -> Iterator[tuple[int, R
         yield number, record
 
 
+class JSONObject(BaseModel):
+    """Any JSON object: for files of free-form rows (a run's eval.jsonl) read with the checks every record gets."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+
+def read_objects(path: str | os.PathLike) -> list[dict]:
+    """Every line of a JSONL file as a dict; InputError naming the file and line for one that is not an object."""
+    return [dict(row.model_extra or {}) for row in read_jsonl(path, JSONObject, allow_empty=True)]
+
+
 def read_jsonl(path: str | os.PathLike, model: type[R], *, allow_empty: bool = False) -> list[R]:
     """Read and validate every line of `path` as `model`.
 

@@ -132,22 +132,11 @@ EVAL_ROWS = [
 
 
 def read_eval(root: Path) -> list[dict]:
-    path = Path(root) / "eval.jsonl"
-    if not path.exists():
-        return []
-    from .errors import InputError
-    from .records import load_json, read_input
+    from .records import read_objects
 
+    path = Path(root) / "eval.jsonl"
     # srlm writes it whole (atomically); a hand edit gets a file:line error, not a traceback.
-    try:
-        text = read_input(path, "the run's evaluation results (JSONL)").decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"invalid UTF-8 at byte {e.start}", path=path)
-    rows = [(n, load_json(line, path, n)) for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    for n, row in rows:
-        if not isinstance(row, dict):
-            raise InputError(f"expected a JSON object, found {type(row).__name__}", path=path, line=n)
-    return [row for _, row in rows]
+    return read_objects(path) if path.exists() else []
 
 
 def _value(result: dict, key: tuple[str, ...]):
