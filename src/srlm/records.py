@@ -202,8 +202,6 @@ def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
         return model.model_validate(obj)
     except ValidationError as e:
         field, message = describe_error(e.errors()[0])
-        if model.__name__ == "IFTExample" and field in ("judgment", "score"):
-            message += "; this looks like an EFT file (give it as --eft)"
         raise InputError(message, path=path, line=number, field=field)
 
 

@@ -34,7 +34,12 @@ def _say_limit(path: Path | None, kept: int, total: int, key: str, which: str = 
 
 
 def load_ift(path: Path | None = None, limit: int | None = None) -> list[IFTExample]:
-    records = read_jsonl(path or shipped("ift"), IFTExample)
+    try:
+        records = read_jsonl(path or shipped("ift"), IFTExample)
+    except InputError as e:
+        if e.field in ("judgment", "score"):  # an unknown field of IFT, and EFT's own
+            raise InputError(f"{e}; this looks like an EFT file (give it as --eft)") from e
+        raise
     kept = records[:limit] if limit else records
     _say_limit(path, len(kept), len(records), "data.ift_limit")
     return kept
