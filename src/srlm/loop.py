@@ -76,12 +76,10 @@ class Run:
         self.config = config
         self.dir = RunDir(root)
         try:
-            self._open(root, resume)
-            config = self.config
+            self._open(root, resume)  # sets self.template, checked
         except BaseException:
             self.dir.unlock()  # a refused resume must not hold the directory while its error is handled
             raise
-        self.template = load_template(config.judge.template)
         self._generator = None
         self._generator_model: Path | None = None
 
