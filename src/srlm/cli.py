@@ -17,7 +17,8 @@ from .errors import JudgeIntegrityError, OutputError, SrlmError
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
-EPILOG = "Every config key (see `srlm config --list`) can be set with --set section.key=value."
+EPILOG = ("Every config key (see `srlm config --list`) can be set with --set section.key=value, on the commands "
+          "that read the config (those with --set in their usage).")
 MODEL_HELP = "a model directory (a run's models/M<t>, any Hugging Face layout) or embedded:smollm2-135m-instruct"
 
 
