@@ -395,9 +395,9 @@ def _explain(error: ValidationError, source: str) -> ConfigError:
     return ConfigError(f"invalid configuration ({source}):\n  " + "\n  ".join(lines))
 
 
-def _field_path(loc: tuple) -> list[str]:
-    """The config keys of an error's location, without what pydantic appends for a union's branches
-    ("constrained-int", "literal['auto']")."""
+def _walk(loc: tuple) -> tuple[list[str], type[BaseModel] | None]:
+    """The config keys at the start of an error's location (pydantic appends a union's branches to it:
+    "constrained-int", "literal['auto']"), and the section they lead to (None if they end at a value)."""
     model: type[BaseModel] | None = RunConfig
     path: list[str] = []
     for part in loc:
@@ -406,17 +406,16 @@ def _field_path(loc: tuple) -> list[str]:
         path.append(str(part))
         ann = model.model_fields[str(part)].annotation
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
-    return path
+    return path, model
+
+
+def _field_path(loc: tuple) -> list[str]:
+    return _walk(loc)[0]
 
 
 def _section_for(loc: tuple) -> type[BaseModel] | None:
-    model: type[BaseModel] = RunConfig
-    for part in loc:
-        field = model.model_fields.get(str(part))
-        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
-            return None
-        model = field.annotation
-    return model
+    path, model = _walk(loc)
+    return model if len(path) == len(loc) else None
 
 
 def load_config(
