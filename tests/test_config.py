@@ -58,6 +58,7 @@ def test_set_overrides_with_types():
     ("candidates.n", "expected key=value"),
     # A union type's branches in one line, not pydantic's "batch_size.constrained-int" and "batch_size.literal['auto']".
     ("generation.batch_size=0", "generation.batch_size: should be greater than or equal to 1 or 'auto' (found 0)"),
+    ("prompts.blocked_keywords=[a, [2]]", "prompts.blocked_keywords.1: Input should be a valid string (found [2])"),
 ])
 def test_bad_config_names_the_key(override, message):
     with pytest.raises(ConfigError) as e:
@@ -100,3 +101,20 @@ def test_config_list_writes_values_as_set_takes_them(capsys):
     out = capsys.readouterr().out
     assert "data.ift_limit = 24   (default: null)" in out and "model.trust_remote_code = false" in out
     assert "None" not in out.replace("(null: all", "") and "True" not in out
+
+
+def test_a_run_config_names_local_files_and_model_directories_absolutely(tmp_path, monkeypatch):
+    from srlm.config import absolute_paths
+
+    (tmp_path / "base").mkdir()
+    (tmp_path / "judge").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = absolute_paths(load_config(overrides=["model.name_or_path=base", "eval.h2h_judge=judge",
+                                                   "judge.template=t.txt"]))
+    assert (config.model.name_or_path, config.eval.h2h_judge) == (str(tmp_path / "base"), str(tmp_path / "judge"))
+    assert config.judge.template == tmp_path / "t.txt"
+    # Not local directories: a hub id, the embedded model, a server's URL stay as given.
+    for name in ("org/model", "embedded:smollm2-135m-instruct"):
+        assert absolute_paths(load_config(overrides=[f"model.name_or_path={name}"])).model.name_or_path == name
+    served = load_config(overrides=["eval.h2h_judge=http://h:8000/v1", "eval.h2h_judge_model=m"])
+    assert absolute_paths(served).eval.h2h_judge == "http://h:8000/v1"

@@ -276,6 +276,7 @@ def test_prompts_in_every_supported_format(tmp_path):
     # A JSON array nested past Python's recursion limit, and a lone surrogate: errors, not tracebacks.
     ("[" * 100_000 + "]" * 100_000, ":1: JSON this reader refuses"),
     ('[\n{"instruction": "\\ud83d\\ude00"},\n{"instruction": "\\ud800a"}]', ":3: an escaped lone surrogate"),
+    ('[\n{"instruction": "\\\\udc00 is text"},\n{"instruction": "\\udc00"}]', ":3: an escaped lone surrogate"),
     ('{"instruction": "a"}\n{"instruction": "b\\udc00"}\n', ":2: an escaped lone surrogate"),
     ('{"question_id": 1, "turns": []}\n', "line 1: field 'turns': expected a list whose first item"),
     ('{"instruction": "a", "instances": [{"output": "x"}]}\n', "line 1: field 'instances': expected a list of"),

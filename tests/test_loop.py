@@ -406,3 +406,31 @@ def test_a_run_records_its_files_by_absolute_path(tiny_model, tmp_path, monkeypa
     assert job.config.eval.ifeval_data == tmp_path / "run" / "ifeval.jsonl"
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["eval"]["ifeval_data"] == str(
         tmp_path / "run" / "ifeval.jsonl")
+
+
+def test_a_run_made_before_the_manifest_kept_its_config_resumes_as_it_ran(reference_run, tmp_path):
+    # Such a run's config.yaml lacks judge.exclude_truncated: read with the new default, its remaining iterations
+    # would have chosen pairs otherwise than its first, and it was never checked for hand edits.
+    import shutil
+
+    from srlm.config import load_run_config
+    from srlm.errors import RunDirError
+
+    root, _, config = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    del manifest["config"], manifest["judge_template_sha256"]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    saved = yaml.safe_load((copy / "config.yaml").read_text())
+    del saved["judge"]["exclude_truncated"]
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert load_run_config(copy / "config.yaml").judge.exclude_truncated is False
+    run(load_run_config(copy / "config.yaml"), copy, resume=True)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    assert manifest["config"]["judge"]["exclude_truncated"] is False and len(manifest["judge_template_sha256"]) == 64
+    assert artifacts(copy) == artifacts(root)
+    saved["candidates"]["n"] += 1  # checked from now on
+    (copy / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(RunDirError, match="candidates.n"):
+        run(load_run_config(copy / "config.yaml"), copy, resume=True)

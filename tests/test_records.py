@@ -121,6 +121,13 @@ def test_pinned_settings_name_a_key_only_one_side_has_and_refuse_an_unreadable_f
         pin_settings(path, {"judge": "M1", "judge_weights": "abc"}, "a comparison")
     with pytest.raises(RunDirError, match=r"judge: 'M1' -> \(not recorded\)"):
         pin_settings(path, {}, "a comparison")
+    # An output an earlier srlm pinned: to a key no longer pinned (pair selection), and without the judge prompt's
+    # digest (pinned since): continued, and recorded as this version pins it.
+    path.write_text(json.dumps({"judge": "M1", "judge.exclude_flagged": True}))
+    pin_settings(path, {"judge": "M1", "judge.template_sha256": "abc"}, "a comparison")
+    assert json.loads(path.read_text()) == {"judge": "M1", "judge.template_sha256": "abc"}
+    with pytest.raises(RunDirError, match=r"judge.template_sha256: 'abc' -> 'def'"):
+        pin_settings(path, {"judge": "M1", "judge.template_sha256": "def"}, "a comparison")
     for text in ("[1, 2]", "{not json", "\xff"):
         path.write_bytes(text.encode("latin-1"))
         with pytest.raises(RunDirError, match="not the JSON object of settings srlm writes"):

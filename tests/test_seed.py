@@ -51,7 +51,7 @@ def test_a_limit_that_cuts_the_users_own_file_is_said_once(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count(f"{mine}: using the first 24 of {total} examples (data.ift_limit=24; --set data.ift_limit=null "
                      "for all)") == 1
-    load_ift(None, 24)  # the shipped seed: the preset's choice, not news
+    load_ift(None, 24), load_eft(None, 36)  # the shipped seed: the preset's choice, not news
     assert capsys.readouterr().err == ""
     mine_eft = tmp_path / "eft.jsonl"
     mine_eft.write_text(shipped("eft").read_text())

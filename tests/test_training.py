@@ -127,7 +127,8 @@ def test_the_checkpointing_switch_reaches_trl_without_a_deprecation_warning(tmp_
 
 @pytest.mark.parametrize("processes,micro,expected", [(1, 1, (1, 16)), (1, 4, (4, 4)), (4, 1, (1, 4)), (4, 4, (4, 1)),
                                                        (8, 4, (2, 1)), (1, 3, (2, 8)),  # 3 does not divide 16: 2 does
-                                                       (3, 4, (4, 2)), (6, 4, (2, 2)),  # no even split: said so
+                                                       (3, 4, (3, 2)), (6, 4, (1, 3)),  # no even split: the nearest,
+                                                       # 18 (not 24), and said so
                                                        (32, 1, (1, 1))])  # 32 processes: one example each, the least
 def test_a_step_is_the_configured_batch_whatever_the_number_of_processes(tmp_path, monkeypatch, capsys, processes,
                                                                          micro, expected):

@@ -73,7 +73,7 @@ def cmd_run(args) -> int:
         if args.out or args.preset or args.config or args.ift or args.eft:
             raise SrlmError("--resume DIR continues a run with its own saved config; drop --out/--preset/"
                             "--config/--ift/--eft")
-        from .config import load_config
+        from .config import load_run_config
 
         root = args.resume
         saved = root / "config.yaml"
@@ -83,7 +83,7 @@ def cmd_run(args) -> int:
             if not root.is_dir():
                 raise RunDirError(f"{root}: no such run directory")
             raise RunDirError(f"{root}: not a srlm run directory (no config.yaml)")
-        config = load_config(saved, "none", args.overrides)  # config.yaml is complete: no preset beneath it
+        config = load_run_config(saved, args.overrides)
         run(config, root, resume=True)
         return 0
     extra = []

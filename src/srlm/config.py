@@ -296,11 +296,18 @@ def flat_keys(config: BaseModel, sections: Sequence[str] | None = None) -> dict[
     return out
 
 
+# Judge keys that decide what is done with judgments (pairs, gates), not what the judgments are: no output is pinned
+# to them. Outputs pinned by an earlier srlm may hold them; rundir.pin_settings lets those pass.
+NOT_PINNED = ("judge.exclude_flagged", "judge.exclude_truncated", "judge.max_failure_rate", "judge.saturation_warning")
+# Keys pinned since outputs were first pinned: one pinned before lacks them, and is continued.
+PINNED_SINCE = ("judge.template_sha256",)
+
+
 def output_settings(config: BaseModel, sections: Sequence[str]) -> dict[str, Any]:
     """What a stage's records depend on in the config (for pinning an output to it, rundir.pin_settings): the seed,
     the model and generation settings and the stage's own `sections`, less how a server is waited for."""
     settings = flat_keys(config, ["seed", "model", "generation", *sections])
-    for key in ("generation.timeout_s", "generation.max_retries"):
+    for key in ("generation.timeout_s", "generation.max_retries", *NOT_PINNED):
         settings.pop(key, None)
     if "judge" in sections:
         import hashlib
@@ -383,6 +390,8 @@ def _explain(error: ValidationError, source: str) -> ConfigError:
             lines.append(f"{key}: unknown key" + (f" (valid keys here: {valid})" if valid else ""))
             continue
         path = _field_path(e["loc"])
+        if len(path) < len(e["loc"]) and isinstance(e["loc"][len(path)], int):  # an item of a list: its index
+            path = [*path, *(str(part) for part in e["loc"][len(path):])]
         key = ".".join(path)
         if not key:  # a check across keys (a model validator): its message names them, the input is the whole config
             lines.append(e["msg"].removeprefix("Value error, "))
@@ -447,6 +456,34 @@ def load_config(
         raise _explain(e, " + ".join(sources) or "defaults")
 
 
+MODEL_KEYS = ("model.name_or_path", "eval.h2h_judge")  # strings that may name a local model directory
+
+# Keys added since run directories were first made, with the value a run made before them behaved as: its
+# config.yaml lacks them, and the new default would change how its remaining iterations work.
+SINCE_FIRST_RUNS = {("judge", "exclude_truncated"): False}
+
+
+def run_config_data(data: dict) -> dict:
+    """A run directory's saved config (config.yaml, or the manifest's copy) with the keys it predates filled in as
+    that run behaved (SINCE_FIRST_RUNS)."""
+    data = dict(data)
+    for (section, key), value in SINCE_FIRST_RUNS.items():
+        if isinstance(data.get(section), dict) and key not in data[section]:
+            data[section] = {**data[section], key: value}
+    return data
+
+
+def load_run_config(path: Path, overrides: list[str] | None = None) -> RunConfig:
+    """A run directory's config.yaml (complete: no preset beneath it), with `--set` overrides on top."""
+    data = run_config_data(_read_yaml(path))
+    for assignment in overrides or []:
+        data = _apply_set(data, assignment)
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        raise _explain(e, f"{path}" + (" + --set" if overrides else ""))
+
+
 def absolute_paths(config: RunConfig, keys: set[str] | None = None) -> RunConfig:
     """`config` with its file paths (of `keys` only, if given) made absolute: a run's config.yaml is read again from
     wherever `--resume` is run, and a relative path would then name another file, or none."""
@@ -455,8 +492,13 @@ def absolute_paths(config: RunConfig, keys: set[str] | None = None) -> RunConfig
         if not isinstance(value, BaseModel):
             continue
         for name, item in value:
-            if isinstance(item, Path) and not item.is_absolute() and (keys is None or f"{section}.{name}" in keys):
+            if keys is not None and f"{section}.{name}" not in keys:
+                continue
+            if isinstance(item, Path) and not item.is_absolute():
                 update.setdefault(section, {})[name] = item.resolve()
+            elif f"{section}.{name}" in MODEL_KEYS and isinstance(item, str) and Path(item).is_dir() and \
+                    not Path(item).is_absolute():  # a model named by a local directory (not a hub id or a URL)
+                update.setdefault(section, {})[name] = str(Path(item).resolve())
     return config.model_copy(update={s: getattr(config, s).model_copy(update=u) for s, u in update.items()})
 
 

@@ -31,7 +31,7 @@ import yaml
 from . import h2h, ifeval, models
 from .backends import capped_batch_size, close, make_generator, resolve_batch_size
 from .candidates import respond, respond_options, truncation_warning
-from .config import RunConfig, absolute_paths, flat_keys
+from .config import RunConfig, absolute_paths, flat_keys, run_config_data
 from .dpo import train_dpo
 from .errors import JudgeIntegrityError, ModelError, RunDirError
 from .evaluation import first_prompts, load_ranked, measure_judge
@@ -106,7 +106,9 @@ class Run:
                 # Checked before it is saved: a typo in a --set would otherwise stay in config.yaml and fail every
                 # later plain --resume the same way.
                 self._eval_sets()
-                self.dir.record_config(config)
+            if changed or "config" not in manifest or "judge_template_sha256" not in manifest:
+                # A run made before the manifest kept them gets them now, so later resumes are checked too.
+                self.dir.record_config(config, template=self.template)
         else:
             self.config = config = absolute_paths(self.config)
             # Validate every input at the door, so that a typo never leaves a half-made run directory behind.
@@ -127,8 +129,9 @@ class Run:
         or config.yaml itself for a run made before the manifest kept one."""
         try:
             if "config" in manifest:
-                return RunConfig.model_validate(manifest["config"])
-            return RunConfig.model_validate(yaml.safe_load(self.dir.config_path.read_text(encoding="utf-8")))
+                return RunConfig.model_validate(run_config_data(manifest["config"]))
+            return RunConfig.model_validate(run_config_data(
+                yaml.safe_load(self.dir.config_path.read_text(encoding="utf-8")) or {}))
         except (pydantic.ValidationError, OSError, yaml.YAMLError) as e:
             raise RunDirError(f"{self.dir.manifest_path}: the config recorded for this run cannot be read back "
                               f"({type(e).__name__}: {str(e).splitlines()[0]})")

@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from .config import RunConfig, config_to_yaml
+from .config import NOT_PINNED, PINNED_SINCE, RunConfig, config_to_yaml
 from .errors import RunDirError
 from .records import atomic_write_text
 
@@ -105,12 +105,14 @@ class RunDir:
             "stages": {},
         })
 
-    def record_config(self, config: RunConfig) -> None:
+    def record_config(self, config: RunConfig, *, template: str | None = None) -> None:
         """Accept `config` as this run's from now on (a resume that changed what may change): in config.yaml, for
-        the next `--resume`, and in the manifest, for comparing it with."""
+        the next `--resume`, and in the manifest, for comparing it with; with `template`, its digest too."""
         atomic_write_text(self.config_path, config_to_yaml(config))
         manifest = self.read_manifest()
         manifest["config"] = config.model_dump(mode="json")
+        if template is not None:
+            manifest["judge_template_sha256"] = text_digest(template)
         self.write_manifest(manifest)
 
     def open(self) -> dict:
@@ -201,6 +203,9 @@ def pin_settings(path: Path, settings: dict, what: str, *, holder: Path | None =
             found = before if isinstance(before, Exception) else f"a JSON {type(before).__name__}"
             raise RunDirError(f"{path}: not the JSON object of settings srlm writes ({found}), so {holder or path.parent} "
                               f"cannot be told apart from {what} of other settings; use another --out, or {start_over}")
+        # Pinned by an earlier srlm: keys it pinned that this one does not, and lacking keys pinned since.
+        before = {k: v for k, v in before.items() if k in settings or k not in NOT_PINNED}
+        before.update({k: settings[k] for k in PINNED_SINCE if k in settings and k not in before})
         if before != settings:
             # A key only one side has: one an older srlm did not write, or one this version no longer writes.
             show = lambda d, k: repr(d[k]) if k in d else "(not recorded)"

@@ -46,7 +46,7 @@ def load_ift(path: Path | None = None, limit: int | None = None) -> list[IFTExam
 
 
 def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExample]:
-    path = path or shipped("eft")
+    given, path = path, path or shipped("eft")
     records = []
     for number, record in scan_jsonl(path, EFTExample):
         if isinstance(record, InputError):
@@ -63,7 +63,7 @@ def load_eft(path: Path | None = None, limit: int | None = None) -> list[EFTExam
     if not records:
         raise InputError("file is empty (expected at least one EFTExample record)", path=path)
     kept = balanced_head(records, limit) if limit else records
-    _say_limit(path, len(kept), len(records), "data.eft_limit", "a score-balanced")
+    _say_limit(given, len(kept), len(records), "data.eft_limit", "a score-balanced")
     return kept
 
 

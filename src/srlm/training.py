@@ -40,9 +40,11 @@ def training_arguments(section, *, work_dir: Path, device: str, seed: int) -> di
     # section.batch_size is the batch of one optimizer step over every process (PAPER.md §4: 16), so under
     # `accelerate launch` on several GPUs each accumulates its share, not the whole.
     processes = max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    micro = min(section.micro_batch_size, max(1, section.batch_size // processes))
-    # The largest micro-batch that splits the step evenly over the processes, where one does.
-    micro = next((m for m in range(micro, 0, -1) if section.batch_size % (m * processes) == 0), micro)
+    largest = min(section.micro_batch_size, max(1, section.batch_size // processes))
+    # The micro-batch whose step comes nearest the batch (exactly, where the processes can split it evenly), the
+    # largest of those that do.
+    step_of = lambda m: m * processes * max(1, math.ceil(section.batch_size / (m * processes)))
+    micro = min(range(largest, 0, -1), key=lambda m: step_of(m) - section.batch_size)
     accumulation = max(1, math.ceil(section.batch_size / (micro * processes)))
     if (step := micro * accumulation * processes) != section.batch_size and first_process():
         import sys
