@@ -24,8 +24,7 @@ def collect(root: Path, exclude_flagged: bool | None = None) -> dict[int, dict]:
     judge = _run_judge_settings(run)
     if exclude_flagged is None:
         exclude_flagged = bool(judge.get("exclude_flagged", True))
-    # A run made before the setting existed chose cut-off candidates.
-    exclude_truncated = bool(judge.get("exclude_truncated", False))
+    exclude_truncated = bool(judge.get("exclude_truncated", True))
     stats: dict[int, dict] = {}
     t = 1
     while (run.iteration(t) / "judgments.jsonl").exists():
@@ -42,13 +41,17 @@ def collect(root: Path, exclude_flagged: bool | None = None) -> dict[int, dict]:
 
 
 def _run_judge_settings(run: RunDir) -> dict:
+    """The judge section of the run's config.yaml, with the keys it predates as that run behaved
+    (config.run_config_data: a run made before judge.exclude_truncated chose cut-off candidates)."""
     import yaml
+
+    from .config import run_config_data
 
     try:
         saved = yaml.safe_load(run.config_path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         saved = {}
-    return saved.get("judge") or {}
+    return run_config_data(saved).get("judge") or {}
 
 
 def _save(fig, path: Path) -> None:
