@@ -238,6 +238,35 @@ def test_resume_may_extend_iterations_but_not_change_the_method(reference_run, t
     assert artifacts(copy) == artifacts(root)  # iterations 1 and 2 untouched
 
 
+def test_training_settings_may_change_on_resume_until_that_training_has_run(reference_run, tmp_path):
+    # A run stopped in its first DPO stage said "raise dpo.max_length", and resume refused the raise: the run was lost.
+    # Until a DPO stage has finished, dpo.* decides only what is still to come.
+    import shutil
+
+    from srlm.errors import InputError, RunDirError
+
+    root, _, config = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for stage in [s for s in manifest["stages"] if s == "iter_1.dpo" or s.startswith("iter_2.")]:
+        del manifest["stages"][stage]  # as if the run had stopped in iteration 1's DPO
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    for gone in ("models/M2", "models/M3", "iter_2"):
+        shutil.rmtree(copy / gone)
+    with_dpo = lambda **kw: config.model_copy(update={"iterations": 1, "dpo": config.dpo.model_copy(update=kw)})
+    with pytest.raises(InputError, match="every DPO pair is longer than dpo.max_length=16"):
+        run(with_dpo(max_length=16), copy, resume=True)
+    with pytest.raises(RunDirError, match=r"sft.max_length: .*until the run's first stage of that kind"):
+        run(with_dpo().model_copy(update={"sft": config.sft.model_copy(update={"max_length": 64})}), copy,
+            resume=True)
+    summary = run(with_dpo(), copy, resume=True)  # dpo.max_length as the reference run had it: 16 -> 256
+    assert summary["iterations"][1]["pairs"] > 0 and (copy / "models" / "M2" / "model.safetensors").exists()
+    assert json.loads((copy / "manifest.json").read_text())["config"]["dpo"]["max_length"] == config.dpo.max_length
+    with pytest.raises(RunDirError, match=rf"dpo.max_length: {config.dpo.max_length} -> 512"):
+        run(with_dpo(max_length=512), copy, resume=True)  # iteration 1 was trained with the other
+
+
 def test_config_yaml_edited_by_hand_is_held_to_the_rules_of_set(reference_run, tmp_path):
     # Resume used to read config.yaml as both the run's config and the one asked for, so a hand edit of candidates.n
     # went through unseen and the next iteration mixed two experiments.

@@ -58,6 +58,10 @@ from .summary import format_table, iteration_stats
 
 # Keys a resumed run may change: they decide what happens next, not what the finished stages wrote.
 RESUMABLE_CHANGES = {"iterations", "judge.max_failure_rate", "judge.saturation_warning", "candidates.truncation_warning"}
+# Sections that one kind of stage alone reads (by the stage name's last part): a resumed run may change them until
+# such a stage has finished, and the run is then the one the new settings would have made from the start. The errors
+# that stop a run in training ask for these (every pair over dpo.max_length; a smaller micro-batch for memory).
+TRAINING_SECTIONS = {"sft": ("sft", "sft_baseline"), "dpo": ("dpo",)}
 
 
 def _changed_keys(a: RunConfig, b: RunConfig) -> set[str]:
@@ -93,13 +97,18 @@ class Run:
             changed = _changed_keys(recorded, self.config)
             self.config = config = absolute_paths(self.config, changed)
             changed = _changed_keys(recorded, config)
-            if refused := {k for k in changed if not k.startswith("eval.")} - RESUMABLE_CHANGES:
+            finished = {stage.rsplit(".", 1)[-1] for stage, entry in manifest["stages"].items()
+                        if entry.get("status") == "complete"}
+            untrained = {section for section, stages in TRAINING_SECTIONS.items() if not finished & set(stages)}
+            if refused := {k for k in changed if not k.startswith("eval.") and k.split(".")[0] not in untrained
+                           } - RESUMABLE_CHANGES:
                 fa, fb = flat_keys(recorded), flat_keys(config)
                 shown = "; ".join(f"{k}: {fa.get(k)!r} -> {fb.get(k)!r}" for k in sorted(refused))
                 raise RunDirError(
                     f"{root}: this run was made with a different config ({shown}; from config.yaml or --set); on "
-                    f"resume only {', '.join(sorted(RESUMABLE_CHANGES))} and eval.* may change, since the others "
-                    "would not match the artifacts already written. Start a new run for the rest"
+                    f"resume only {', '.join(sorted(RESUMABLE_CHANGES))} and eval.* may change, and sft.* and "
+                    "dpo.* until the run's first stage of that kind has finished, since the others would not match "
+                    "the artifacts already written. Start a new run for the rest"
                 )
             self._check_template(manifest, config)
             if changed:
@@ -285,7 +294,7 @@ class Run:
                 raise JudgeIntegrityError(
                     f"iteration {t}: no preference pairs (every prompt tied or lacked two judged candidates); "
                     f"see {folder / 'judgments.jsonl'}. More prompts (prompts.num_prompts), more candidates "
-                    "(candidates.n) or more judgments (judge.k) make ties rarer")
+                    "(candidates.n) or more judgments (judge.k) make ties rarer: a new run with them")
             reference = self.dir.model(1) if cfg.dpo.reference == "m1" else None
             train_dpo(model_t, pairs, self.dir.model(t + 1), cfg, reference_path=reference)
             return {"pairs": len(pairs)}
