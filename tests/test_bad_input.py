@@ -411,6 +411,29 @@ def test_a_full_disk_under_safetensors_is_a_clear_error(tmp_path, monkeypatch, c
         main(["config"])
 
 
+def test_out_of_memory_is_a_clear_error(monkeypatch, capsys):
+    # A GPU's out-of-memory error was a traceback, saying nothing of which settings need less or that a rerun resumes.
+    import torch
+
+    def allocate(args, error):
+        raise error
+
+    for error, said in [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of "
+                                "79.19 GiB of which 1.02 GiB is free."), "CUDA out of memory"),
+        (RuntimeError("[enforce fail at alloc_cpu.cpp:121] data. DefaultCPUAllocator: can't allocate memory: you "
+                      "tried to allocate 68719476736 bytes. Error code 12 (Cannot allocate memory)"),
+         "out of host memory: you tried to allocate 68719476736 bytes")]:
+        monkeypatch.setattr("srlm.cli.cmd_config", lambda args, error=error: allocate(args, error))
+        assert main(["config"]) == 9
+        err = capsys.readouterr().err
+        assert f"srlm: error: {said}. Smaller batches need less: sft.micro_batch_size" in err
+        assert "srlm run --resume DIR" in err and "Traceback" not in err
+    monkeypatch.setattr("srlm.cli.cmd_config", lambda args: allocate(args, RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):  # any other error stays a traceback
+        main(["config"])
+
+
 def test_a_broken_link_names_its_line(tmp_path):
     from srlm.records import check_links, read_jsonl
 

@@ -1,7 +1,7 @@
 """The `srlm` command line: `srlm run` for the whole method, one subcommand per stage for working on files.
 
 Exit codes: 0 ok; 2 usage; 3 config; 4 input data; 5 run directory; 6 model; 7 judge integrity;
-8 output not writable (disk full, read-only); 130 interrupted; 1 an unexpected error (a bug: please report it with the traceback).
+8 output not writable (disk full, read-only); 9 out of memory; 130 interrupted; 1 an unexpected error (a bug: please report it with the traceback).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import JudgeIntegrityError, OutputError, SrlmError
 
 WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+OUT_OF_MEMORY = 9  # exit code
 
 EPILOG = ("Every config key (see `srlm config --list`) can be set with --set section.key=value, on the commands "
           "that read the config (those with --set in their usage).")
@@ -797,6 +798,17 @@ def _wrapped_os_error(error: Exception) -> OSError | None:
     return OSError(code, os.strerror(code), str(Path(path).parent) if path else None)
 
 
+def _out_of_memory(error: Exception) -> str | None:
+    """What a failed allocation says, if `error` is one: PyTorch's on a GPU (torch.OutOfMemoryError), or its CPU
+    allocator's where the host refuses one (a kill by the kernel's OOM killer reaches no handler)."""
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
+        return str(error).split(". ")[0]
+    if isinstance(error, RuntimeError) and "DefaultCPUAllocator: can't allocate memory" in str(error):
+        return "out of host memory: " + str(error).split("can't allocate memory: ")[-1].split(". ")[0]
+    return None
+
+
 def _refused(e: OSError) -> int:
     # Permission errors come from reads too (a model directory's files, deep in transformers): not "write".
     verb = "cannot write" if e.errno not in (errno.EACCES, errno.EPERM) else "cannot read or write"
@@ -833,6 +845,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         return _refused(e)
     except Exception as e:
+        if (what := _out_of_memory(e)) is not None:
+            print(f"srlm: error: {what}. Smaller batches need less: sft.micro_batch_size and dpo.micro_batch_size "
+                  "(training), generation.batch_size (sampling); complete stages and records are kept (`srlm run "
+                  "--resume DIR`; README, Resuming, says which keys a resumed run may change)", file=sys.stderr)
+            return OUT_OF_MEMORY
         if (inner := _wrapped_os_error(e)) is None or inner.errno not in WRITE_ERRNOS:
             raise
         return _refused(inner)
