@@ -165,3 +165,37 @@ def test_judgments_of_one_set_of_replies_are_not_resumed_for_another(tmp_path):
         measure_judge(Judge(), more, tmp_path, config, seed=0)
     with pytest.raises(RunDirError, match="judge.k: 1 -> 3"):
         measure_judge(Judge(), few, tmp_path, load_config(overrides=["generation.batch_size=4"]), seed=0)
+
+
+def test_pairs_of_one_prompt_fall_on_one_side_of_the_split(tmp_path):
+    # Split by pair id, pairs sharing a prompt landed in both EFT (train) and the judge evaluation (eval).
+    rows = [{"prompt": f"Question {i % 10}?", "response_a": f"a{i}", "response_b": f"b{i}", "winner": "A"}
+            for i in range(60)]
+    path = write(tmp_path, rows)
+    eval_part, train_part = load_ranked(path, "eval"), load_ranked(path, "train")
+    assert len(eval_part) + len(train_part) == 120 and eval_part and train_part
+    assert {r.prompt for r in eval_part}.isdisjoint({r.prompt for r in train_part})
+    # The prompt's text decides, spaced and cased as it may be.
+    again = write(tmp_path, [{**row, "prompt": "  " + row["prompt"].upper()} for row in rows], "again.jsonl")
+    assert {r.prompt.strip().lower() for r in load_ranked(again, "eval")} == {r.prompt.lower() for r in eval_part}
+
+
+def test_a_reply_text_repeated_within_a_prompt_is_one_reply_to_the_metrics(tmp_path, capsys):
+    # oasst2 holds replies given twice ("e6" scored 0.75 and 0.83): as a ranked pair, the judge could order it
+    # only by sampling noise, and a tie counted against it.
+    rows = [{"prompt_id": "p", "prompt_text": "Q", "response_id": f"r{j}", "response_text": text, "language": "en",
+             "quality_score": score} for j, (text, score) in enumerate([("e6", 0.75), ("E6 ", 0.83), ("long", 0.1)])]
+    r = load_ranked(write(tmp_path, rows, "oasst.jsonl"), "all")
+    assert [x.human_score for x in r] == [pytest.approx(0.79), pytest.approx(0.79), 0.1]
+    assert "2 replies repeat the text of another reply of their prompt" in capsys.readouterr().err
+    m = judge_agreement(r, {"r0": 4, "r1": 4, "r2": 1})
+    assert m.pairs == 2 and m.pairwise_accuracy == 1 and m.judge_tie_rate == 0 and m.exact_match == 1
+
+
+def test_exact_match_needs_every_reply_of_a_prompt_parsed():
+    # The best and worst failed to parse and the middle two are ordered right: the whole ordering is unknown, so
+    # the prompt is no exact match (nor a miss) and is counted apart.
+    r = replies("a", [0.9, 0.7, 0.5, 0.1]) + replies("b", [0.9, 0.1])
+    m = judge_agreement(r, {"a1": 4, "a2": 2, "b0": 1, "b1": 3})
+    assert m.exact_match == 0 and m.prompts == 1 and m.prompts_partly_parsed == 1
+    assert m.pairwise_accuracy == pytest.approx(1 / 2)  # a1 > a2 right, b wrong: pairs count as they parsed

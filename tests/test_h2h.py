@@ -311,6 +311,19 @@ def test_reference_outputs_are_matched_by_instruction(tmp_path):
         load_outputs(clash)
 
 
+def test_an_outputs_file_srlm_wrote_reads_back_whatever_its_text_holds(tmp_path):
+    # srlm writes JSON unescaped: U+2028 and U+0085 inside a response are no line ends, though str.splitlines
+    # broke at them ("outputs_a.jsonl:1: invalid JSON: Unterminated string").
+    from srlm.h2h import H2HOutput
+    from srlm.records import write_jsonl
+
+    texts = ["one\u2028two", "three\x85four\u2029"]
+    rows = [H2HOutput(id=f"p{i}", instruction=f"Q{i}?", text=t, generator="m") for i, t in enumerate(texts)]
+    write_jsonl(tmp_path / "outputs_a.jsonl", rows)
+    assert load_outputs(tmp_path / "outputs_a.jsonl") == {"Q0?": texts[0], "Q1?": texts[1]}
+    assert [i.text for i in load_instructions(tmp_path / "outputs_a.jsonl")] == ["Q0?", "Q1?"]
+
+
 # --- end to end ---------------------------------------------------------------------------------------------
 
 # What the scripted judge does with each instruction, by model: "a" / "b" name that model's response in both

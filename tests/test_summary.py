@@ -67,10 +67,14 @@ def test_the_eval_table_shows_the_papers_figures(tmp_path):
     results = [{"model": "M1", "judge": {"pairwise_accuracy": 0.6, "five_best": 0.4}},
                {"model": "M2", "judge": {"pairwise_accuracy": 0.65, "five_best": 0.5},
                 "h2h_vs_previous": {"rates": {"win": 0.555, "tie": 0.328, "loss": 0.117}, "win_rate": 0.7190,
+                                    "judged_prompts": 251, "excluded_prompts": 5,
                                     "length": {"a": {"mean_chars": 1092.25, "mean_words": 180.0}}}}]
     rows = {line.split("  ")[0]: line.split()[-2:] for line in format_eval_table(results).splitlines()[2:]}
     assert rows["judge 5-best"] == ["0.400", "0.500"]
     assert rows["wins vs previous"] == ["-", "0.555"] and rows["losses vs previous"] == ["-", "0.117"]
     assert rows["response chars (vs previous)"] == ["-", "1092.2"]
+    # The rates are over the prompts whose verdicts parsed: how many those are, and how many were left out.
+    assert rows["prompts judged vs previous"] == ["-", "251"]
+    assert rows["prompts left out vs previous (verdict unparsed)"] == ["-", "5"]
     assert "LC win rate vs previous" not in rows  # no figure for any model: no row
     assert plot_eval(results, tmp_path / "eval.png").stat().st_size > 0

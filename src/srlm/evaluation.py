@@ -19,7 +19,10 @@ pairwise accuracy and exact match; the share of such pairs is reported as `judge
 whose replies the judge scores all alike, where the humans do not, has a rank correlation of 0 (no order, so no
 agreement), not none: leaving it out would raise the mean over the prompts the judge does order; their number is
 `prompts_judge_constant`. A reply whose judgments all failed to parse is left out of every metric, and the failures
-are counted.
+are counted; a prompt with such a reply has no known whole ordering, so it is left out of exact match (counted as
+`prompts_partly_parsed`). Replies of one prompt with the same text (by `normalise`) are one reply that humans scored
+twice: `load_ranked` gives each the mean of their human scores, so that no pair of them asks the judge to rank a text
+against itself.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 
 from .errors import InputError
 from .records import Candidate, Prompt, Record, open_input, read_jsonl
+from .validate import normalise
 
 TIE_CONVENTION = ("judge ties count as disagreement in pairwise accuracy and exact match; their share is "
                   "judge_tie_rate; pairs of replies humans tie count in neither (any judge order of them matches); "
@@ -149,9 +153,33 @@ def heldout(prompt_id: str, eval_share: int = 4) -> bool:
     return int(hashlib.sha256(prompt_id.encode()).hexdigest(), 16) % eval_share == 0
 
 
+def split_key(reply: RankedReply, pairs: bool) -> str:
+    """What the split is decided on: the prompt id, or for pairwise labels (each pair its own group, so one prompt
+    may be under several pair ids) the prompt's text, so that no prompt is both in EFT (train) and judged (eval)."""
+    return "text:" + normalise(reply.prompt) if pairs else reply.prompt_id
+
+
+def merge_repeats(replies: list[RankedReply], path: Path) -> list[RankedReply]:
+    """Replies of one prompt with the same text take the mean of their human scores (see the module docstring)."""
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(replies):
+        groups[(r.prompt_id, normalise(r.reply))].append(i)
+    repeated = [g for g in groups.values() if len(g) > 1]
+    if not repeated:
+        return replies
+    out = list(replies)
+    for g in repeated:
+        score = mean(replies[i].human_score for i in g)
+        for i in g:
+            out[i] = replies[i].model_copy(update={"human_score": score})
+    print(f"[srlm] {path}: {sum(map(len, repeated))} replies repeat the text of another reply of their prompt; each "
+          "such text takes the mean of its human scores", file=sys.stderr)
+    return out
+
+
 def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
     """Ranked replies from our schema, the oasst2-srlm export, pairwise labels or preference pairs (told apart
-    by the first line's fields); `split` is eval, train or all (by prompt id: for pairs, by pair id)."""
+    by the first line's fields); `split` is eval, train or all (by prompt: `split_key`)."""
     path = Path(path)
     with open_input(path, "a JSONL file of ranked replies or pairwise labels") as f:
         first = f.readline().removeprefix(b"\xef\xbb\xbf")
@@ -179,8 +207,10 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
                                     for n, r in enumerate(rows, start=1)])
     else:
         replies = read_jsonl(path, RankedReply)
+    pairs = "response_text" not in keys and bool(keys & {"chosen", "rejected", "winner", "preference", "label"})
     if split != "all":
-        replies = [r for r in replies if heldout(r.prompt_id) == (split == "eval")]
+        replies = [r for r in replies if heldout(split_key(r, pairs)) == (split == "eval")]
+    replies = merge_repeats(replies, path)
     if not replies:
         raise InputError(f"no replies in the {split!r} split", path=path)
     return replies
@@ -257,6 +287,7 @@ class JudgeAgreement:
     replies_scored: int
     replies_failed: int
     prompts_judge_constant: int = 0  # prompts whose replies the judge scored all alike (rank correlation 0)
+    prompts_partly_parsed: int = 0  # prompts with ranked pairs left out of exact match: a reply's judgments all failed
     tie_convention: str = TIE_CONVENTION
 
     def as_dict(self) -> dict:
@@ -272,7 +303,7 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
     exact: list[bool] = []
     rhos: list[float] = []
     taus: list[float] = []
-    fives = fives_best = constant = 0
+    fives = fives_best = constant = partly = 0
     scored = sum(1 for r in replies if r.id in judge_scores)
     for replies_of_prompt in by_prompt.values():
         group = [r for r in replies_of_prompt if r.id in judge_scores]
@@ -300,7 +331,9 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
                 prompt_agree += 1
         pairs += prompt_pairs
         agree += prompt_agree
-        if prompt_pairs:
+        if prompt_pairs and len(group) < len(replies_of_prompt):
+            partly += 1
+        elif prompt_pairs:
             exact.append(prompt_agree == prompt_pairs)
         if len(set(human)) > 1:
             if len(set(model)) == 1:
@@ -314,6 +347,7 @@ def judge_agreement(replies: Sequence[RankedReply], judge_scores: dict[str, floa
         spearman=mean(rhos) if rhos else None, kendall_tau=mean(taus) if taus else None,
         five_best=ratio(fives_best, fives), judge_tie_rate=ratio(ties, pairs), pairs=pairs, prompts=len(exact),
         replies_scored=scored, replies_failed=len(replies) - scored, prompts_judge_constant=constant,
+        prompts_partly_parsed=partly,
     )
 
 

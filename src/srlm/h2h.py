@@ -139,7 +139,8 @@ def _rows(path: Path) -> list[tuple[str, dict]]:
                 raise InputError(f"array item {i}: expected a JSON object, found {type(item).__name__}", path=path)
             rows.append((f"array item {i}", item))
     else:
-        for number, line in enumerate(text.splitlines(), start=1):
+        # Lines end at \n alone: str.splitlines also breaks at U+2028 and U+0085, which JSON strings hold as is.
+        for number, line in enumerate(text.split("\n"), start=1):
             if not line.strip():
                 continue
             item = load_json(line, path, number)

@@ -125,11 +125,16 @@ EVAL_ROWS = [
     ("losses vs previous", ("h2h_vs_previous", "rates", "loss")),
     ("win rate vs previous", ("h2h_vs_previous", "win_rate")),
     ("LC win rate vs previous", ("h2h_vs_previous", "lc_win_rate")),
+    # A prompt on which either order's verdict failed to parse is left out of every rate (PAPER.md §7: say so).
+    ("prompts judged vs previous", ("h2h_vs_previous", "judged_prompts")),
+    ("prompts left out vs previous (verdict unparsed)", ("h2h_vs_previous", "excluded_prompts")),
     ("response chars (vs previous)", ("h2h_vs_previous", "length", "a", "mean_chars")),
     ("wins vs SFT baseline", ("h2h_vs_sft", "rates", "win")),
     ("losses vs SFT baseline", ("h2h_vs_sft", "rates", "loss")),
     ("win rate vs SFT baseline", ("h2h_vs_sft", "win_rate")),
     ("LC win rate vs SFT baseline", ("h2h_vs_sft", "lc_win_rate")),
+    ("prompts judged vs SFT baseline", ("h2h_vs_sft", "judged_prompts")),
+    ("prompts left out vs SFT baseline", ("h2h_vs_sft", "excluded_prompts")),
     ("response chars (vs SFT baseline)", ("h2h_vs_sft", "length", "a", "mean_chars")),
 ]
 
@@ -152,7 +157,8 @@ def format_eval_table(results: list[dict]) -> str:
     """Both skills per model (PAPER.md §5): judge agreement with humans, instruction following, and length."""
     rows = [(label, key) for label, key in EVAL_ROWS if any(_value(r, key) is not None for r in results)]
     headers = ["", *[r["model"] for r in results]]
-    cell = lambda v: "-" if v is None else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"  # lengths, then shares
+    # Counts, lengths, shares.
+    cell = lambda v: "-" if v is None else str(v) if isinstance(v, int) else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
     body = [[label, *[cell(_value(r, key)) for r in results]] for label, key in rows]
     widths = [max(len(row[i]) for row in [headers, *body]) for i in range(len(headers))]
     line = lambda row: "  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip()
