@@ -15,6 +15,7 @@ from srlm.importers import (
     HUMAN_TIES,
     JUDGE_TIE,
     NO_PARSED,
+    PICKED_DISAGREE,
     TOO_FEW,
     eft_judgment,
     flatten_cap,
@@ -143,6 +144,24 @@ def test_chat_first_user_turn_and_assistant_reply():
     assert report.left_out == Counter({"leading system messages": 1})
     records, _ = read_chat(DATA / "chat.jsonl", "prompts")
     assert ids(records) == ["chat-1", "chat-2", "chat-3"]
+
+
+def test_chat_rows_with_more_than_text_are_dropped(tmp_path):
+    # The image part used to be dropped and its text kept: an answer about a picture the model never sees.
+    image = {"type": "image_url", "image_url": {"url": "https://example.org/cat.png"}}
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [
+        [{"role": "user", "content": [image, {"type": "text", "text": "What is in this picture?"}]},
+         {"role": "assistant", "content": "A cat."}],
+        [{"role": "user", "content": "Say it aloud."},
+         {"role": "assistant", "content": [{"type": "input_audio", "input_audio": {}}, {"type": "text", "text": "Hi"}]}],
+        [{"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}, {"role": "assistant", "content": "Red."}],
+    ]))
+    records, report = read_chat(path, "ift")
+    assert records == [IFTExample(id="chat-3", prompt="Name a colour.", response="Red.")]
+    assert report.dropped == Counter({"content other than text (an image, audio, a file)": 2})
+    records, report = read_chat(path, "prompts")  # a prompt is the user's turn alone
+    assert ids(records) == ["chat-2", "chat-3"] and sum(report.dropped.values()) == 1
 
 
 def test_self_instruct_seed_tasks():
@@ -335,6 +354,25 @@ def test_select_eft_keeps_agreeing_prompts_and_picks_the_judgment_nearest_the_me
     # Two scores, one example each: no cap keeps either under 30%, and the report says so rather than claim it.
     assert report.details["examples after flattening (at most 1 per score; 2 scores present, so one holds 50%, over "
                           "30%)"] == 2
+
+
+def test_select_eft_drops_a_prompt_whose_picked_judgments_do_not_agree():
+    # Means 4 and 3.67 agree with the humans, but each example is one judgment: 4 and 4 would teach a tie, and
+    # 4 (of 4, 4, 5) against 5 (of 5, 5, 2) the reverse order.
+    replies = ranked("tie", [1.0, 0.0]) + ranked("rev", [1.0, 0.0]) + ranked("ok", [1.0, 0.0])
+    judgments = (judged("tie-0", 4, 4, 4) + judged("tie-1", 4, 4, 3) + judged("rev-0", 4, 4, 5)
+                 + judged("rev-1", 5, 5, 2) + judged("ok-0", 5, 4, 5) + judged("ok-1", 2, 3, 2))
+    examples, report = select_eft(replies, judgments)
+    assert ids(examples) == ["ranked-ok-0", "ranked-ok-1"] and [e.score for e in examples] == [5, 2]
+    assert (report.read, report.kept) == (3, 1) and report.dropped == Counter({PICKED_DISAGREE: 2})
+
+
+def test_select_eft_counts_replies_that_repeat_another():
+    replies = ranked("a", [1.0, 0.5, 0.0])
+    replies[1] = replies[1].model_copy(update={"reply": replies[0].reply.upper()})
+    examples, report = select_eft(replies, judged("a-0", 5) + judged("a-1", 4) + judged("a-2", 1))
+    assert ids(examples) == ["ranked-a-0", "ranked-a-2"]
+    assert report.details["replies repeating another reply's text"] == 1
 
 
 def test_select_eft_flattens_the_score_distribution_deterministically(tmp_path):

@@ -135,6 +135,11 @@ class ChatMessage(_Row):
             return "\n".join(p.text for p in self.content if p.type == "text" and p.text)
         return self.content or ""
 
+    @property
+    def beyond_text(self) -> bool:
+        """Parts other than text (an image, audio, a file), which an example made of the text would not show."""
+        return isinstance(self.content, list) and any(p.type != "text" for p in self.content)
+
 
 class ChatRow(_Row):
     messages: list[ChatMessage]
@@ -316,6 +321,10 @@ def _chat(rows: list[tuple[Loc, ChatRow]], to: str, lang: str | None, report: Im
         reply = messages[1].text if len(messages) > 1 and messages[1].role == "assistant" else None
         if to == "ift" and reply is None:
             yield "no assistant reply to the first user message"
+            continue
+        if messages[0].beyond_text or (to == "ift" and messages[1].beyond_text):
+            # An answer about a picture the model never sees (what the §4.1 keyword filter keeps out of prompts).
+            yield "content other than text (an image, audio, a file)"
             continue
         yield _Item(f"chat-{loc.number}", messages[0].text, reply)
 
@@ -551,6 +560,7 @@ TOO_FEW = "fewer than 2 replies"
 HUMAN_TIES = "humans scored every reply the same"
 JUDGE_TIE = "judge ties replies that humans ranked apart"
 DISAGREE = "judge orders a pair of replies against the human ranking"
+PICKED_DISAGREE = "the means agree, but the single judgments that would be the examples tie or disagree"
 
 
 def ranking_verdict(human: Sequence[float], judge_means: Sequence[float]) -> str | None:
@@ -616,7 +626,8 @@ def select_eft(replies: Sequence[RankedReply], judgments: Sequence[Judgment], *,
     2. One example per reply of an agreeing prompt: of the reply's judgments, the one whose whole-number score
        is closest to the mean (lowest sample on a tie), its text cut to end in `Score: N` (`eft_judgment`).
        A reply with no whole-number score ("Score: 3.5" only) gives no example; so does a reply whose text
-       repeats another reply of the same prompt (validate rejects duplicate prompt/response pairs).
+       repeats another reply of the same prompt (validate rejects duplicate prompt/response pairs). The prompt
+       is dropped if these judgments' own scores tie or reverse a pair humans ranked apart.
     3. Flattening (the paper's "too many 4s"): each score keeps at most `flatten_cap` examples, chosen at random
        with `seed`, so that no score is over `max_share` of the set (the share `srlm data validate` warns at).
     The report counts prompts: read, kept by agreement, dropped by reason; details give example counts and the
@@ -634,7 +645,7 @@ def select_eft(replies: Sequence[RankedReply], judgments: Sequence[Judgment], *,
 
     report = ImportReport(unit="prompts")
     examples: list[EFTExample] = []
-    no_whole = 0
+    no_whole = repeats = 0
     for group in by_prompt.values():
         report.read += 1
         reason = NO_PARSED if any(r.id not in means for r in group) else ranking_verdict(
@@ -642,16 +653,26 @@ def select_eft(replies: Sequence[RankedReply], judgments: Sequence[Judgment], *,
         if reason:
             report.dropped[reason] += 1
             continue
-        report.kept += 1
         texts: set[str] = set()
+        picked: list[tuple[RankedReply, Judgment]] = []
         for r in group:
             chosen = _pick(by_reply[r.id], means[r.id])
             if chosen is None:
                 no_whole += 1
                 continue
             if normalise(r.reply) in texts:
+                repeats += 1
                 continue
             texts.add(normalise(r.reply))
+            picked.append((r, chosen))
+        # The examples are single judgments, not the means: theirs must agree with the humans too (means 4 and 3.67
+        # may be judgments of 4 and 4, a tie taught as a verdict).
+        if len(picked) > 1 and ranking_verdict([r.human_score for r, _ in picked],
+                                               [j.score for _, j in picked]) in (JUDGE_TIE, DISAGREE):
+            report.dropped[PICKED_DISAGREE] += 1
+            continue
+        report.kept += 1
+        for r, chosen in picked:
             score = int(chosen.score)
             examples.append(EFTExample(id=f"ranked-{r.id}", prompt=r.prompt, response=r.reply,
                                        judgment=eft_judgment(chosen.text, score), score=score))
@@ -672,6 +693,7 @@ def select_eft(replies: Sequence[RankedReply], judgments: Sequence[Judgment], *,
     report.details.update({
         "examples from agreeing prompts": len(examples),
         "replies without a whole-number score": no_whole,
+        "replies repeating another reply's text": repeats,
         f"examples after flattening (at most {cap} per score; {share})": len(flat),
         "scores before": dict(sorted(before.items())),
         "scores after": dict(sorted(after.items())),
