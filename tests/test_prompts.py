@@ -42,6 +42,9 @@ def test_few_shot_request_numbers_examples_and_asks_for_the_next():
     (" Task 9: Name two rivers in Africa. ", "Name two rivers in Africa."),
     ('"Plan a picnic for six people."', "Plan a picnic for six people."),
     ("task 10 - Explain tides.", "Explain tides."),
+    ("Task: Explain tides.", "Explain tides."),
+    ("Task-based learning: design a week of lessons.", "Task-based learning: design a week of lessons."),
+    ('"Carpe diem" means what, exactly?', '"Carpe diem" means what, exactly?'),
 ])
 def test_clean(raw, expected):
     assert clean(raw) == expected
@@ -84,6 +87,38 @@ def test_a_resume_after_a_torn_batch_writes_what_an_uninterrupted_run_writes(tmp
     assert [p.text for p in resumed] == [p.text for p in whole]
     assert (tmp_path / "b" / "prompts_attempts.jsonl").read_text() == "".join(lines)
     assert [p.text for p in read_jsonl(tmp_path / "b" / "prompts.jsonl", type(whole[0]))] == [p.text for p in whole]
+
+
+class ChangingWriter(EchoingWriter):
+    """Samples otherwise each time it is asked (a server, vLLM's batching); every fourth answer runs past the cap."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, requests, params):
+        from dataclasses import replace
+
+        self.calls += 1
+        out = super().generate(requests, replace(params, seed=params.seed + 1000 * self.calls))
+        return [replace(o, truncated=i % 4 == 3) for i, o in enumerate(out)]
+
+
+def test_a_torn_batch_asked_again_keeps_what_the_attempts_file_says(tmp_path):
+    # Asked again, the batch's logged attempts were skipped by the log but their new texts kept: prompts.jsonl held
+    # prompts that prompts_attempts.jsonl never saw.
+    from srlm.prompts import CUT, generate_prompts
+
+    seed = [f"Write a poem about {w} and friends today" for w in EchoingWriter.WORDS]
+    options = dict(iteration=1, num_prompts=12, batch_size=8, seed=5, max_attempts=80)
+    generate_prompts(ChangingWriter(), seed, tmp_path / "a" / "prompts.jsonl", **options)
+    lines = (tmp_path / "a" / "prompts_attempts.jsonl").read_text().splitlines(True)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "prompts_attempts.jsonl.partial").write_text("".join(lines[:11]))
+    prompts, attempts = generate_prompts(ChangingWriter(), seed, tmp_path / "b" / "prompts.jsonl", **options)
+    assert [p.text for p in prompts] == [a.text for a in attempts if a.kept] and len(prompts) == 12
+    assert (tmp_path / "b" / "prompts_attempts.jsonl").read_text().splitlines(True)[:11] == lines[:11]
+    # An answer that ran past prompts.max_new_tokens is part of a prompt: never kept.
+    assert {a.reason for a in attempts if int(a.id[-6:]) % 4 == 3} == {CUT}
 
 
 @pytest.mark.parametrize("a,b", [

@@ -36,9 +36,12 @@ def few_shot_request(examples: Sequence[str]) -> str:
 
 
 def clean(text: str) -> str:
-    text = text.strip()
-    text = re.sub(r"^(task\s*\d*\s*[:.)-]\s*)", "", text, flags=re.IGNORECASE)
-    return text.strip().strip('"').strip()
+    """The prompt without the list's own marking: a leading "Task 9:" the model repeated, and quotes around the
+    whole. "Task-based learning" and a quote that opens the prompt without closing it are the prompt's own."""
+    text = re.sub(r"^task\s*(?:\d+\s*[:.)-]|:)\s*", "", text.strip(), flags=re.IGNORECASE).strip()
+    if len(text) > 1 and text[0] == text[-1] == '"':
+        text = text[1:-1].strip()
+    return text
 
 
 # Letters of scripts written without spaces (Chinese, Japanese kana, Thai...) are a token each; any other run of
@@ -65,6 +68,9 @@ def _scorer():
 
 def rouge_l(a: str, b: str) -> float:
     return _scorer().score(a, b)["rougeL"].fmeasure
+
+
+CUT = "cut at the length cap (prompts.max_new_tokens)"
 
 
 def filter_reason(
@@ -169,6 +175,9 @@ def generate_prompts(
     max_attempts = max_attempts or num_prompts * 4
     batch_ids = lambda b: [f"it{iteration}-a{b * batch_size + i:06d}" for i in range(batch_size)]
     kept, batch_index = _replay(log, batch_ids, num_prompts)
+    # Attempts of a batch the log holds part of stand as written when it is asked again: a backend that samples
+    # otherwise the second time (a server, vLLM's batching) would else keep prompts the attempts file never saw.
+    logged = {a.id: a for a in log.records}
     known = list(seed_prompts) + list(earlier) + kept
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
                             stop=("\n",))
@@ -189,15 +198,20 @@ def generate_prompts(
         for aid, out in zip(ids, outputs):
             if len(kept) >= num_prompts:
                 break  # the rest of the last batch is not needed; unrecorded, it does not skew filter counts
-            text = clean(out.text)
-            reason = filter_reason(text, known, min_words=min_words, max_words=max_words,
-                                   blocked_keywords=blocked_keywords, rouge_l_max=rouge_l_max)
-            if reason is None:
-                kept.append(text)
-                known.append(text)
+            attempt = logged.get(aid)
+            if attempt is None:
+                text = clean(out.text)
+                # The line went on past the cap: what is here is part of a prompt (and no length filter sees it).
+                reason = CUT if out.truncated else filter_reason(
+                    text, known, min_words=min_words, max_words=max_words, blocked_keywords=blocked_keywords,
+                    rouge_l_max=rouge_l_max)
+                attempt = PromptAttempt(id=aid, text=text, kept=reason is None, reason=reason)
+            if attempt.kept:
+                kept.append(attempt.text)
+                known.append(attempt.text)
                 if progress:
                     progress.update(1)
-            records.append(PromptAttempt(id=aid, text=text, kept=reason is None, reason=reason))
+            records.append(attempt)
         log.append(records)
         batch_index += 1
     attempts = log.finish()
