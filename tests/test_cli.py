@@ -132,7 +132,8 @@ def test_pairs_stage_alone(tmp_path, capsys):
     capsys.readouterr()
     assert main(["pairs", "--prompts", str(tmp_path / "p.jsonl"), "--candidates", str(tmp_path / "c.jsonl"),
                  "--judgments", str(tmp_path / "j.jsonl"), "--out", str(tmp_path / "pairs.jsonl")]) == 7
-    assert (tmp_path / "pairs.jsonl").read_text() == "" and "no preference pairs" in capsys.readouterr().err
+    assert (tmp_path / "pairs.jsonl").read_text() == ""
+    assert "no preference pairs (prompts dropped: 1 tie); more prompts" in capsys.readouterr().err
 
 
 def test_pairs_reads_candidates_made_elsewhere_with_care(tmp_path, capsys):

@@ -107,3 +107,15 @@ def test_best_and_worst_of_the_same_text_is_no_preference():
     candidates = [c.model_copy(update={"text": "same answer"}) if c.index in (0, 2) else c for c in candidates]
     sel = select_pairs(prompts, candidates, judgments)
     assert sel.pairs == [] and sel.dropped == {SAME_TEXT: 1}
+
+
+def test_among_equal_scores_a_text_other_than_the_other_sides_is_taken():
+    # A, B, A scored 5, 5, 2: best-by-index was A (c0) against A (c2), a "same text" drop; B over A is the pair.
+    prompts, candidates, judgments = make({0: [5], 1: [5], 2: [2]})
+    same = lambda indices: [c.model_copy(update={"text": "A"}) if c.index in indices else c for c in candidates]
+    (pair,) = select_pairs(prompts, same({0, 2}), judgments).pairs
+    assert (pair.chosen_id, pair.rejected_id, pair.chosen, pair.rejected) == ("p-c1", "p-c2", "answer 1", "A")
+    # The same on the rejected side: A, A, B scored 5, 2, 2.
+    prompts, candidates, judgments = make({0: [5], 1: [2], 2: [2]})
+    (pair,) = select_pairs(prompts, same({0, 1}), judgments).pairs
+    assert (pair.chosen_id, pair.rejected_id) == ("p-c0", "p-c2")

@@ -266,11 +266,9 @@ def cmd_pairs(args) -> int:
     selection = select_pairs(prompts, candidates, judgments, exclude_flagged=not args.keep_flagged,
                              exclude_truncated=not args.keep_truncated)
     write_jsonl(args.out, selection.pairs)
-    dropped = ", ".join(f"{v} {k}" for k, v in selection.dropped.items()) or "none"
-    print(f"{len(selection.pairs)} pairs -> {args.out}; prompts dropped: {dropped}")
+    print(f"{len(selection.pairs)} pairs -> {args.out}; prompts dropped: {selection.dropped_text()}")
     if not selection.pairs:  # nothing for DPO to train on: `srlm run` stops here too
-        raise JudgeIntegrityError("no preference pairs (every prompt tied or lacked two judged candidates); more "
-                                  "prompts, candidates (candidates.n) or judgments (judge.k) make ties rarer")
+        raise JudgeIntegrityError(selection.none_left())
     return 0
 
 

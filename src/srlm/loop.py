@@ -291,10 +291,8 @@ class Run:
 
         def dpo_work():
             if not pairs:
-                raise JudgeIntegrityError(
-                    f"iteration {t}: no preference pairs (every prompt tied or lacked two judged candidates); "
-                    f"see {folder / 'judgments.jsonl'}. More prompts (prompts.num_prompts), more candidates "
-                    "(candidates.n) or more judgments (judge.k) make ties rarer: a new run with them")
+                raise JudgeIntegrityError(f"iteration {t}: {selection.none_left()}: a new run with them (see "
+                                          f"{folder / 'judgments.jsonl'})")
             reference = self.dir.model(1) if cfg.dpo.reference == "m1" else None
             train_dpo(model_t, pairs, self.dir.model(t + 1), cfg, reference_path=reference)
             return {"pairs": len(pairs)}

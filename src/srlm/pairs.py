@@ -28,6 +28,15 @@ class PairSelection:
     dropped: Counter = field(default_factory=Counter)  # reason -> number of prompts
     mean_scores: dict[str, float] = field(default_factory=dict)  # candidate id -> mean valid score
 
+    def dropped_text(self) -> str:
+        return ", ".join(f"{n} {reason}" for reason, n in self.dropped.most_common()) or "none"
+
+    def none_left(self) -> str:
+        """Why a selection has no pairs, for the error that stops DPO: what each prompt was dropped for, and what
+        makes ties rarer (more prompts, candidates or judgments; the others are said by their reason)."""
+        return (f"no preference pairs (prompts dropped: {self.dropped_text()}); more prompts (prompts.num_prompts), "
+                "candidates (candidates.n) or judgments (judge.k) make ties rarer")
+
 
 def candidate_scores(judgments: Sequence[Judgment]) -> dict[str, float]:
     """Mean of the parsed scores of each candidate; candidates whose judgments all failed are absent."""
@@ -53,8 +62,8 @@ def select_pairs(
     `exclude_flagged`, one that contains judge-format text is never chosen (PAPER.md §7: a response can win by
     writing "Score: 5" for the judge to read), but may be rejected: it lost anyway. With `exclude_truncated`, the
     same for one cut at the length cap: as chosen, DPO would teach ending the turn mid-sentence (the chat template
-    closes the turn after the cut text). Among equal top (or bottom) scores the lowest candidate index wins, so
-    selection is deterministic.
+    closes the turn after the cut text). Among equal top (or bottom) scores one whose text differs from the other
+    side's wins, then the lowest candidate index, so selection is deterministic.
     """
     means = candidate_scores(judgments)
     by_prompt: dict[str, list[Candidate]] = defaultdict(list)
@@ -72,7 +81,12 @@ def select_pairs(
             selection.dropped[TIE] += 1
             continue
         barred = lambda c: (exclude_flagged and c.flagged) or (exclude_truncated and c.truncated is True)
-        best = max((c for c in scored if not barred(c)), key=lambda c: (means[c.id], -c.index), default=worst)
+        # Among equal scores, a text other than the other side's: a repeated answer the judge scored apart (A, B, A
+        # at 5, 5, 2) still leaves the pair B over A.
+        differs = lambda c, other: c.text.strip() != other.text.strip()
+        best = max((c for c in scored if not barred(c)), key=lambda c: (means[c.id], differs(c, worst), -c.index),
+                   default=worst)
+        worst = min(scored, key=lambda c: (means[c.id], not differs(c, best), c.index))
         if means[best.id] == means[worst.id]:  # lost to flagged or cut-off candidates, not to the judge
             above = [c for c in scored if means[c.id] > means[worst.id]]
             flagged = all(exclude_flagged and c.flagged for c in above)
