@@ -48,6 +48,11 @@ PARSED = [
     ("- Point 1 (relevance) score: 1\n**Total score:** 3", 3.0),
     ("Therefore, Score: 3", 3.0),
     ("It is accurate. Score: 4\nScore: 4", 4.0),
+    ("Score: 3 (out of 5)", 3.0),
+    # One labelled list item is a verdict; labels that name the whole never make a list of criteria.
+    ("- Justification: relevant and complete. Score: 4", 4.0),
+    ("1. Summary: relevant. Score: 4\n2. Conclusion: Score: 4", 4.0),
+    ("- Relevant: yes (+1)\n- Substantial: yes (+1)\n- Score: 2", 2.0),
 ]
 
 FAILED = [
@@ -75,7 +80,18 @@ FAILED = [
     ("The underscore: 1 is a character.", "no 'Score: N' found"),
     ("Score: <4", "no 'Score: N' found"),  # an unclosed bracket is no verdict
     # Scores of parts with no verdict: the last of them is not the total.
-    ("Relevance score: 1\nExpert score: 0\nTotal: 4", "scores of parts only, no verdict 'Score: N' (Relevance score: 1)"),
+    ("Relevance score: 1\nExpert score: 0\nTotal: 4", "no verdict 'Score: N', only scores of parts or led by other "
+     "words (Relevance score: 1)"),
+    # The rubric's criteria scored item by item: each line looks like a verdict, the total is elsewhere.
+    ("- Relevant: yes. Score: 1\n- Substantial: yes. Score: 1\n- Basic elements: yes. Score: 1\nTotal points: 3",
+     "only scores of parts or led by other words (- Relevant: yes. Score: 1)"),
+    ("1. Relevance: Score: 1 - on topic.\n2. Substance: Score: 1\n3. Usefulness: the response cov",
+     "only scores of parts"),
+    # A score revised after it, or out of another scale in brackets.
+    ("Score: 4 → 3", "a score revised after it"),
+    ("score: 4 -> 3", "a score revised after it"),
+    ("Score: 5 points minus 1 = 4", "a score revised after it"),
+    ("Score: 3 (out of 4)", "another scale (3/4)"),
     # Verdicts that disagree: the judge went on past its conclusion (a made-up next turn, a comparison).
     ("Score: 4\n\nUser: What is 2+2?\n<response>4</response>\nScore: 2", "verdicts that disagree (4, then 2)"),
     ("Score: 4\n\nFor comparison, an unhelpful answer would get a score: 1.", "verdicts that disagree (4, then 1)"),

@@ -120,7 +120,9 @@ SCORE_PATTERN = re.compile(
     rf"(?:(?P<sum>(?:\s*\+\s*{_NUMBER})+)(?:[*_\s]*=[*_\s]*(?P<total>{_NUMBER}))?)?"
     # "2, 3" ends the line or sentence; "3, 2 points were deducted" is a score and a remark.
     rf"(?P<range>\s*(?:-|–|to\b|or\b)\s*{_NUMBER}|\s*,\s*{_NUMBER}(?=[*_\s]*(?:[.;)]|\n|\Z)))?"
-    r"(?:\s*(?:/|out\s+of)\s*(?P<scale>\d+))?",
+    r"(?:\s*(?P<paren>\()?\s*(?:/|out\s+of)\s*(?P<scale>\d+)(?(paren)\s*\)))?"
+    # "Score: 4 -> 3", "Score: 5 points minus 1 = 4": a score revised after it, which is no verdict to read.
+    r"(?P<revised>[*_\s]*(?:points?\b[*_\s]*)?(?:->|=>|→|⇒|\bminus\b))?",
     re.IGNORECASE,
 )
 
@@ -136,10 +138,24 @@ _VERDICT_LEAD = re.compile(
     r"(?:\A|[\n.!?:;,\"'*_#>-]|\b(?:total|final|overall|the|a|my|its|this)\b)[\s*_#>-]*\Z", re.IGNORECASE)
 
 
+# A list item with a label of its own before its score ("- Relevant: yes. Score: 1", "2. Substance: Score: 1"), unless
+# the label names the whole.
+_LABELLED_ITEM = re.compile(r"[\s*_#>]*(?:[-*•+]|\d+[.)])\s+[*_]*(?P<label>[^:\n]+?)[*_]*:")
+_WHOLE_LABEL = re.compile(r"total|final|overall|verdict|conclu|summary|result", re.IGNORECASE)
+
+
 def verdicts(text: str) -> list[re.Match]:
-    """Every "Score: N" in `text` that stands as a verdict (see `_VERDICT_LEAD`), in order."""
-    return [m for m in SCORE_PATTERN.finditer(text)
-            if _VERDICT_LEAD.search(text, max(0, text.rfind("\n", 0, m.start())), m.start())]
+    """Every "Score: N" in `text` that stands as a verdict (see `_VERDICT_LEAD`), in order. Scores on two or more
+    labelled list items are the rubric's criteria scored one by one, not verdicts, though each line looks like one."""
+    found = [m for m in SCORE_PATTERN.finditer(text)
+             if _VERDICT_LEAD.search(text, max(0, text.rfind("\n", 0, m.start())), m.start())]
+
+    def item(m: re.Match) -> bool:
+        head = _LABELLED_ITEM.match(text, text.rfind("\n", 0, m.start()) + 1, m.start())
+        return head is not None and not _WHOLE_LABEL.search(head.group("label"))
+
+    items = [m for m in found if item(m)]
+    return [m for m in found if m not in items] if len(items) > 1 else found
 
 
 def parse_score(text: str) -> tuple[float | None, str | None]:
@@ -156,7 +172,8 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
         part = SCORE_PATTERN.search(text)
         if part:
             line_start = text.rfind("\n", 0, part.start()) + 1
-            return None, f"scores of parts only, no verdict 'Score: N' ({text[line_start : part.end()].strip()[:60]})"
+            return None, ("no verdict 'Score: N', only scores of parts or led by other words "
+                          f"({text[line_start : part.end()].strip()[:60]})")
         if re.search(r"score\s*:\s*<\s*total", text, re.IGNORECASE):
             return None, "placeholder copied from the prompt instead of a score"
         return None, "no 'Score: N' found"
@@ -171,6 +188,8 @@ def parse_score(text: str) -> tuple[float | None, str | None]:
 def _read_score(match: re.Match) -> tuple[float | None, str | None]:
     """One SCORE_PATTERN match read as a score, or (None, why it is none)."""
     raw = match.group("value").lower()
+    if match.group("revised"):
+        return None, f"a score revised after it ({match.group(0).strip()} ...)"
     if match.group("range"):
         return None, f"not one score ({match.string[match.start('value') : match.end('range')]})"
     if match.group("sum"):
