@@ -60,6 +60,22 @@ def test_scores_fall_in_six_whole_bins_in_either_judge_mode():
     assert stats["max_score_share"] == 2 / 6  # the scores in the 5 bin
 
 
+def test_failures_count_by_kind_and_a_judge_with_no_parsed_score_has_no_share_of_5s(tmp_path):
+    # Each failure's snippet made its own entry in summary.json; with none parsed the share of 5s read "0.0%".
+    from srlm.report import plot
+
+    errors = ["not one score (3-4)", "not one score (2, 3)", "verdicts that disagree (4, then 2)",
+              "no 'Score: N' found (cut off at max_new_tokens)", "no 'Score: N' found (cut off at max_new_tokens)"]
+    judgments = [Judgment(id=f"c{i}-j0", candidate_id=f"c{i}", prompt_id="p0", sample=0, text="x", error=e)
+                 for i, e in enumerate(errors)]
+    stats = iteration_stats([], [], judgments, select_pairs([], [], judgments), n_prompts=1)
+    assert stats["parse_failure_reasons"] == {"not one score": 2, "no 'Score: N' found (cut off at max_new_tokens)": 2,
+                                              "verdicts that disagree": 1}
+    rows = {line.split("  ")[0]: line.split()[-1] for line in format_table({1: stats}).splitlines()[2:]}
+    assert stats["max_score_share"] is None and rows["share of 5s"] == "-"
+    assert plot({1: stats}, tmp_path / "report.png").stat().st_size > 0
+
+
 def test_the_eval_table_shows_the_papers_figures(tmp_path):
     # PAPER.md §5-6: 5-best among the judge's metrics, wins and losses (not only the win rate), length in chars.
     from srlm.report import format_eval_table, plot_eval

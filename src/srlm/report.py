@@ -83,7 +83,9 @@ def plot(stats: dict[int, dict], path: Path) -> Path:
     axes[0].set(title="judge scores", xlabel="score", ylabel="judgments")
     axes[0].legend()
     axes[1].plot(labels, [100 * stats[t]["parse_failure_rate"] for t in iterations], marker="o", label="parse failures")
-    axes[1].plot(labels, [100 * stats[t]["max_score_share"] for t in iterations], marker="s",
+    # No parsed judgment: no share, a gap rather than 0%.
+    shares = [stats[t]["max_score_share"] for t in iterations]
+    axes[1].plot(labels, [float("nan") if x is None else 100 * x for x in shares], marker="s",
                  label="scores of 5 (% of parsed ones)")
     axes[1].set(title="judge integrity", ylabel="% of judgments")
     axes[1].legend()

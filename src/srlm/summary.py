@@ -1,6 +1,7 @@
 """What a run reports per iteration (the end-of-run table): pure functions over the stage records."""
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from statistics import mean
@@ -32,10 +33,10 @@ def iteration_stats(
         "judgments": len(judgments),
         "parse_failures": failures,
         "parse_failure_rate": failures / len(judgments) if judgments else 0.0,
-        "parse_failure_reasons": dict(Counter(j.error for j in judgments if j.error)),
+        "parse_failure_reasons": dict(Counter(failure_kind(j.error) for j in judgments if j.error).most_common()),
         "mean_score": mean(valid) if valid else None,
         "score_histogram": dict(sorted(histogram.items())),
-        "max_score_share": sum(1 for s in valid if s >= MAX_SCORE - 0.5) / len(valid) if valid else 0.0,
+        "max_score_share": sum(1 for s in valid if s >= MAX_SCORE - 0.5) / len(valid) if valid else None,
         "pairs": len(selection.pairs),
         "ties_dropped": selection.dropped.get(TIE, 0),
         "dropped_other": {k: v for k, v in selection.dropped.items() if k != TIE},
@@ -43,6 +44,13 @@ def iteration_stats(
         "mean_rejected_tokens": mean(c.n_tokens for c in rejected) if rejected else None,
         "mean_candidate_tokens": mean(c.n_tokens for c in candidates) if candidates else None,
     }
+
+
+def failure_kind(error: str) -> str:
+    """A parse failure's reason without the judgment's own words ("not one score (3-4)" -> "not one score"), so that
+    failures of one kind count together; each judgment's record keeps the whole reason."""
+    kind = re.sub(r"\s*\((?!cut off at max_new_tokens\)).*?\)(?=\s*(?:\(|$))", "", error)
+    return re.sub(r"\d+%", "N%", kind)  # expected mode's share of probability on the digits
 
 
 def _count_cut(candidates: Sequence[Candidate]) -> int | None:
@@ -70,7 +78,7 @@ ROWS = [
     ("judge parse failures", lambda s: f"{s['parse_failures']} ({100 * s['parse_failure_rate']:.1f}%)"),
     ("mean score", lambda s: _fmt(s["mean_score"])),
     ("score distribution", lambda s: _fmt(s["score_histogram"])),
-    ("share of 5s", lambda s: f"{100 * s['max_score_share']:.1f}%"),
+    ("share of 5s", lambda s: "-" if s["max_score_share"] is None else f"{100 * s['max_score_share']:.1f}%"),
     ("pairs kept", lambda s: s["pairs"]),
     ("ties dropped", lambda s: s["ties_dropped"]),
     ("other drops", lambda s: _fmt(s["dropped_other"])),
