@@ -294,7 +294,7 @@ def test_retries_give_up_with_the_last_error():
 
 
 @pytest.mark.parametrize("status, hint", [(401, "check the API key in $SRLM_TEST_KEY, which is not set"),
-                                          (404, "check generation.base_url"), (400, "")])
+                                          (404, "check generation.base_url"), (400, ""), (501, "")])
 def test_errors_that_will_not_heal_are_raised_at_once(status, hint):
     with scripted() as server:
         server.failures.append(status)
@@ -303,6 +303,11 @@ def test_errors_that_will_not_heal_are_raised_at_once(status, hint):
     message = str(error.value)
     assert f"{server.url}/completions: HTTP {status}" in message and hint in message
     assert "the server said: " in message and len(server.requests) == 1
+
+
+def test_a_url_that_cannot_be_a_url_is_refused_at_once():
+    with pytest.raises(ModelError, match=r"nonnumeric port.*check generation.base_url"):
+        OpenAIGenerator("http://localhost:80x0/v1", "m", max_retries=3).generate(["x"], GREEDY)
 
 
 def test_timeout_is_reported():
@@ -577,6 +582,11 @@ def test_the_stop_window_reaches_past_special_tokens_and_an_empty_stop_is_refuse
     assert stop_window(tokens, 20, silent) == tokens and stop_window([], 3, silent) == []
     with pytest.raises(ValueError, match="a stop string is empty"):
         SamplingParams(stop=("Score:", ""))
+    # One string is one stop string: taken as its characters, "Good answer. Score: 4" was cut to "G".
+    from srlm.backends.hf import cut_at_stop
+
+    assert SamplingParams(stop="Score:").stop == ("Score:",)
+    assert cut_at_stop("Good answer. Score: 4", SamplingParams(stop="Score:").stop) == ("Good answer. ", True)
 
 
 def test_hf_sampled_token_logprobs_are_the_untempered_distribution(tiny_model, device):
@@ -685,3 +695,17 @@ def test_a_server_that_ignores_stop_strings_is_cut_as_the_hf_backend_cuts():
         for stop in (("b", "ab"), ("ab", "b")):
             out = client(server).generate(["q"], replace(GREEDY, stop=stop))[0]
             assert (out.text, out.truncated) == ("x", False)
+
+
+def test_passes_of_one_call_never_share_a_seed_with_another_calls(tiny_model, monkeypatch):
+    # A call's passes were seeded seed + start: with a batch of 1, the second row of a call with seed 5 was sampled
+    # as the first of the call with seed 6 (a stage seeds its batches seed + b): two of a candidate's k=3
+    # judgments came out the same text.
+    generator = HFGenerator(tiny_model, ModelConfig(name_or_path=str(tiny_model), dtype="float32"), "cpu", batch_size=1)
+    seeds, real = [], generator._decode
+    monkeypatch.setattr(generator, "_decode", lambda texts, params, g: seeds.append(g.initial_seed()) or real(
+        texts, params, g))
+    params = SamplingParams(temperature=1.0, max_new_tokens=6)
+    outs = [generator.generate([[{"role": "user", "content": "Hello"}]] * 3, replace(params, seed=s)) for s in (5, 6, 7)]
+    assert len(seeds) == 9 == len(set(seeds)) and seeds[::3] == [5, 6, 7]  # a call's first pass keeps its seed
+    assert outs[0][1].text != outs[1][0].text

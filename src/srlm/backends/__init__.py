@@ -34,6 +34,8 @@ class SamplingParams:
     logprobs: bool = False  # also return each sampled token's log-probability (Completion.token_logprobs)
 
     def __post_init__(self):
+        if isinstance(self.stop, str):  # one stop string, not its characters each a stop string
+            object.__setattr__(self, "stop", (self.stop,))
         # An empty stop string is in every text: it would end every sequence after its first token.
         if any(not s for s in self.stop):
             raise ValueError(f"a stop string is empty: {self.stop!r}")

@@ -28,6 +28,17 @@ def scoring_texts(tokenizer, requests: Sequence[Request], prefill: str | Sequenc
     return [render(tokenizer, r) + p for r, p in zip(requests, prefills)]
 
 
+def sub_batch_seed(seed: int, part: int) -> int:
+    """The seed of a call's `part`-th pass of at most batch_size rows. The first is the call's seed; the others are
+    hashed from it: as `seed + part * batch_size` they were the seeds of other calls (a stage seeds its batches
+    `seed + b`), so two texts could be sampled from one stream, the same judgment twice."""
+    if part == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed & (2**64 - 1), part]).generate_state(1, np.uint64)[0] >> 1)
+
+
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     """`text` cut before the earliest occurrence of any stop string, and whether there was one."""
     cuts = [cut for cut in (text.find(s) for s in stop if s) if cut >= 0]
@@ -259,11 +270,11 @@ class HFGenerator:
         texts = _not_empty([self.render(r) for r in requests])
         order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
         results: list[Completion | None] = [None] * len(texts)
-        for start in range(0, len(order), self.batch_size):
+        for part, start in enumerate(range(0, len(order), self.batch_size)):
             idx = order[start : start + self.batch_size]
             generator = None
             if params.temperature > 0:
-                generator = torch.Generator(self.device).manual_seed(params.seed + start)
+                generator = torch.Generator(self.device).manual_seed(sub_batch_seed(params.seed, part))
             with torch.inference_mode():
                 rows = self._decode([texts[i] for i in idx], params, generator)
             for i, (tokens, ended, logprobs) in zip(idx, rows):

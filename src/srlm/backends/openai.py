@@ -165,10 +165,13 @@ class OpenAIGenerator:
                     raw = _read_before(response, deadline)
             except urllib.error.HTTPError as e:
                 message = _server_message(e)
-                if e.code not in (408, 429) and e.code < 500:
+                # 501 and 505 say the server lacks what was asked (llama-server answers 501 for what it does not do).
+                if (e.code not in (408, 429) and e.code < 500) or e.code in (501, 505):
                     raise ModelError(f"{url}: HTTP {e.code}{self._hint(e.code)}; the server said: {message}")
                 last = f"HTTP {e.code}: {message}"
                 wait = _retry_after(e)
+            except http.client.InvalidURL as e:  # a bad port in generation.base_url: no retry heals it
+                raise ModelError(f"{url}: {e}; check generation.base_url")
             except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
                 last = self._describe(e)
                 if isinstance(getattr(e, "reason", None), ssl.SSLError):  # https to an http server: no retry heals it

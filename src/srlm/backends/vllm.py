@@ -111,11 +111,12 @@ class VLLMGenerator:
             None, tokens[-1])
         if ended_by_eos:
             tokens = tokens[:-1]
-        text, _ = cut_at_stop(out.text, params.stop)
+        text, stopped = cut_at_stop(out.text, params.stop)
         logprobs = None
         if params.logprobs:
             logprobs = tuple(step[token].logprob for step, token in zip(out.logprobs, tokens))
-        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=out.finish_reason == "length",
+        # As the other backends: a text cut at a stop string here is ended, whatever vLLM itself saw.
+        return Completion(text=text.strip(), n_tokens=len(tokens), truncated=out.finish_reason == "length" and not stopped,
                           token_logprobs=logprobs)
 
     def choice_probs(self, requests: Sequence[Request], prefill: str | Sequence[str], choices: Sequence[str], *,
