@@ -238,7 +238,7 @@ def test_resume_may_extend_iterations_but_not_change_the_method(reference_run, t
     assert artifacts(copy) == artifacts(root)  # iterations 1 and 2 untouched
 
 
-def test_training_settings_may_change_on_resume_until_that_training_has_run(reference_run, tmp_path):
+def test_training_settings_may_change_on_resume_until_that_training_has_run(reference_run, tmp_path, capsys):
     # A run stopped in its first DPO stage said "raise dpo.max_length", and resume refused the raise: the run was lost.
     # Until a DPO stage has finished, dpo.* decides only what is still to come.
     import shutil
@@ -260,7 +260,13 @@ def test_training_settings_may_change_on_resume_until_that_training_has_run(refe
     with pytest.raises(RunDirError, match=r"sft.max_length: .*until the run's first stage of that kind"):
         run(with_dpo().model_copy(update={"sft": config.sft.model_copy(update={"max_length": 64})}), copy,
             resume=True)
+    # As if the stage had then been killed (out of memory) with a checkpoint trained under those settings.
+    work = copy / "models" / "M2.work"
+    (work / "checkpoint-1").mkdir(parents=True)
+    (work / "srlm-settings.json").write_text(json.dumps({"dpo.max_length": 16}))
     summary = run(with_dpo(), copy, resume=True)  # dpo.max_length as the reference run had it: 16 -> 256
+    assert "M2.work: its checkpoints were trained with other dpo.* settings; the stage starts over" in \
+        capsys.readouterr().err
     assert summary["iterations"][1]["pairs"] > 0 and (copy / "models" / "M2" / "model.safetensors").exists()
     assert json.loads((copy / "manifest.json").read_text())["config"]["dpo"]["max_length"] == config.dpo.max_length
     with pytest.raises(RunDirError, match=rf"dpo.max_length: {config.dpo.max_length} -> 512"):

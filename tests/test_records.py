@@ -21,6 +21,9 @@ def write(path, lines: list) -> None:
     ([json.dumps(GOOD), json.dumps(GOOD)], ":2: field 'id': duplicate id 'a' (first on line 1)"),
     (["[1, 2]"], ":1: expected a JSON object, found list"),
     ([b'{"id": "a", "prompt": "\xff", "response": "x"}\n'], ":1: invalid UTF-8"),
+    # Counted in the file's bytes, the byte-order mark's three included.
+    ([b'\xef\xbb\xbf{"id": "a", "prompt": "\xff", "response": "x"}\n'], ":1: invalid UTF-8 at byte 26"),
+    ([json.dumps(GOOD), b'{"id": "b", "prompt": "Q'], "(the line looks truncated)"),
     ([], "file is empty"),
     # Valid JSON that is no text, or that Python's reader refuses: errors with a line, not tracebacks.
     ([json.dumps({**GOOD, "prompt": "\ud800What?"})], ":1: an escaped lone surrogate"),
@@ -172,3 +175,58 @@ def test_records_two_writers_both_appended_are_kept_once(tmp_path):
     log = RecordLog(path, Candidate)
     assert [r.id for r in log.finish()] == ["c0", "c1"]
     assert [r.id for r in read_jsonl(path, Candidate)] == ["c0", "c1"]  # no duplicate id in the published file
+
+
+def test_two_runs_made_in_one_directory_at_once_never_write_over_each_other(tmp_path):
+    # Both passed the "no manifest yet" check, and the second wrote its config and manifest over the first's before
+    # it failed to lock: the first then ran under the second's config (two `srlm run` in one second share a name).
+    from srlm.config import RunConfig
+    from srlm.errors import RunDirError
+    from srlm.rundir import RunDir
+
+    first, second = RunDir(tmp_path / "run"), RunDir(tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    first.lock()  # the first run, between its checks and its writes
+    with pytest.raises(RunDirError, match="in use by another srlm process"):
+        second.create(RunConfig(seed=2))
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+    first.create(RunConfig(seed=1))
+    assert first.read_manifest()["seed"] == 1 and "seed: 1" in first.config_path.read_text()
+    with pytest.raises(RunDirError, match="already holds a run"):
+        second.create(RunConfig(seed=2))
+    first.unlock()
+
+
+def test_a_mistake_mid_line_is_no_sign_of_a_write_cut_short(tmp_path):
+    path = tmp_path / "ift.jsonl"
+    write(path, [json.dumps(GOOD), b'{"id": "b",, "prompt": "Q", "response": "x"}'])  # the last line, no newline
+    with pytest.raises(InputError) as e:
+        read_jsonl(path, IFTExample)
+    assert str(e.value).endswith(":2: invalid JSON: Expecting property name enclosed in double quotes at column 12")
+
+
+def test_one_output_written_by_two_processes_at_once_is_refused(tmp_path):
+    # Two `srlm judge --out X` at once: once the first published, the second started a new .partial and published
+    # it over the first's records.
+    import subprocess
+    import sys
+
+    from srlm.errors import OutputError
+    from srlm.records import RecordLog
+
+    path = tmp_path / "prompts.jsonl"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from srlm.records import RecordLog, Prompt\n"
+        f"log = RecordLog({str(path)!r}, Prompt); print('ready', flush=True); sys.stdin.read()")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "ready\n"
+        with pytest.raises(OutputError, match=rf"prompts.jsonl: being written by another srlm process \(pid {holder.pid}\)"):
+            RecordLog(path, Prompt)
+    finally:
+        holder.communicate("")
+    log = RecordLog(path, Prompt)  # free again; and within one process a log left unfinished passes its lock on
+    log.append([Prompt(id="p0", text="Q?", iteration=1)])
+    again = RecordLog(path, Prompt)
+    assert again.done == {"p0"} and [r.id for r in again.finish()] == ["p0"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["prompts.jsonl"]  # the lock file goes with the writer

@@ -342,3 +342,28 @@ def test_a_saved_model_keeps_its_own_dropout_not_the_training_one(tiny_model, tm
     out = save_checkpoint(model, load_tokenizer(tiny_model, ModelConfig()), tmp_path / "M2")
     assert json.loads((out / "config.json").read_text())["attention_dropout"] == before
     assert model.config.attention_dropout == 0.1  # the model in training is left as it was
+
+
+def test_a_model_saved_over_another_is_never_half_of_either_under_its_name(tiny_model, tmp_path, monkeypatch):
+    # The old model was removed in place before the new one was renamed there: a kill during the removal left some
+    # of its files under the final name, which looks complete (no .saving, no .work).
+    import os
+
+    from srlm import models
+    from srlm.config import ModelConfig
+
+    model, tokenizer = models.load_model(tiny_model, ModelConfig(), "cpu"), models.load_tokenizer(tiny_model, ModelConfig())
+    out = models.save_checkpoint(model, tokenizer, tmp_path / "M2")
+    real = os.replace
+
+    def killed_after_the_first(src, dst):
+        real(src, dst)
+        raise KeyboardInterrupt  # the kill, right after the old model went aside
+
+    monkeypatch.setattr(models.os, "replace", killed_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        models.save_checkpoint(model, tokenizer, out)
+    assert not out.exists() and (tmp_path / "M2.saving" / "model.safetensors").exists()
+    monkeypatch.setattr(models.os, "replace", real)
+    models.save_checkpoint(model, tokenizer, out)  # the rerun publishes, and the old copy goes
+    assert (out / "model.safetensors").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["M2"]

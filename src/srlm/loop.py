@@ -21,6 +21,7 @@ generation stage, after the last batch written; inside training, from the last T
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -111,6 +112,8 @@ class Run:
                     "the artifacts already written. Start a new run for the rest"
                 )
             self._check_template(manifest, config)
+            for section in {k.split(".")[0] for k in changed} & untrained:
+                self._start_over(section)
             if changed:
                 # Checked before it is saved: a typo in a --set would otherwise stay in config.yaml and fail every
                 # later plain --resume the same way.
@@ -132,6 +135,21 @@ class Run:
                 config.generation.batch_size = resolve_batch_size(config, models.resolve(config.model))
             self.dir.create(config, template=self.template)
             self.dir.lock()
+
+    def _start_over(self, section: str) -> None:
+        """The checkpoints of an unfinished stage trained under `section` settings now changed go (renamed aside
+        first: half removed, they would be resumed from): the stage starts over, as the run would have run it."""
+        import shutil
+
+        outputs = [self.dir.model(1), self.dir.sft_baseline] if section == "sft" else [self.dir.model(2)]
+        for work in (out.with_name(out.name + ".work") for out in outputs):
+            if work.exists():
+                say(f"[srlm] {work}: its checkpoints were trained with other {section}.* settings; the stage starts "
+                    "over")
+                trash = work.with_name(work.name + ".deleting")
+                shutil.rmtree(trash, ignore_errors=True)
+                os.replace(work, trash)
+                shutil.rmtree(trash)
 
     def _recorded_config(self, manifest: dict) -> RunConfig:
         """The config this run was last accepted under: the manifest's copy (config.yaml may have been edited since),

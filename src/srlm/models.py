@@ -81,10 +81,16 @@ def save_checkpoint(model, tokenizer, out_dir: str | Path) -> Path:
             setattr(config, key, value)
     tokenizer.save_pretrained(tmp)
     fsync_tree(tmp)  # on disk before the rename publishes it (and before a manifest calls it complete)
+    # A model already there goes aside by a rename first: removed in place, a kill mid-way would leave part of it
+    # under the final name, a directory without .saving that looks complete.
+    old = out_dir.with_name(out_dir.name + ".replaced")
     if out_dir.exists():
-        shutil.rmtree(out_dir)
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(out_dir, old)
     os.replace(tmp, out_dir)
     fsync_dir(out_dir.parent)
+    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 

@@ -167,7 +167,8 @@ def load_json(text: str, path, line: int = 1, *, truncated: bool | None = None, 
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         end = len(text.rstrip())
-        cut = e.pos >= end if truncated is None else truncated
+        # Cut off: the error at the end, or a string that runs to it (the error then points at its start).
+        cut = (e.pos >= end or e.msg.startswith("Unterminated string")) if truncated is None else truncated
         hint = f" (the {what} looks truncated)" if cut else ""
         row, column = e.lineno, e.colno
         if "\n" in text[end : e.pos]:  # ran out past the last line's end: the error is that line's, not the next's
@@ -187,15 +188,16 @@ def load_json(text: str, path, line: int = 1, *, truncated: bool | None = None, 
 
 def parse_line(path: Path, number: int, raw: bytes, model: type[R]) -> R | None:
     """One JSONL line as a validated record (None for a blank line); InputError names file, line and field."""
-    if number == 1:
-        raw = raw.removeprefix(b"\xef\xbb\xbf")  # the byte-order mark some Windows editors begin UTF-8 files with
+    mark = b"\xef\xbb\xbf" if number == 1 and raw.startswith(b"\xef\xbb\xbf") else b""
+    raw = raw[len(mark):]  # the byte-order mark some Windows editors begin UTF-8 files with
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise InputError(f"invalid UTF-8 at byte {e.start} (expected UTF-8 text)", path=path, line=number)
+        raise InputError(f"invalid UTF-8 at byte {e.start + len(mark)} (expected UTF-8 text)", path=path, line=number)
     if not line.strip():
         return None
-    obj = load_json(line, path, number, truncated=not line.endswith("\n"))
+    # Cut off: the error is at the end of a last line that has no newline (a write that stopped), not mid-line.
+    obj = load_json(line, path, number, truncated=False if line.endswith("\n") else None)
     if not isinstance(obj, dict):
         raise InputError(f"expected a JSON object, found {type(obj).__name__}", path=path, line=number)
     try:
@@ -338,6 +340,44 @@ def write_jsonl(path: str | os.PathLike, records: Iterable[Record]) -> None:
     atomic_write_text(path, "".join(dumps(r) + "\n" for r in records))
 
 
+class LockHeld(Exception):
+    """Another process holds the lock (`take_lock`); `holder` is its pid as it wrote it, or "?"."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+def take_lock(path: Path):
+    """An exclusive lock on the file `path` (made if need be, holding this process's pid) for as long as the file
+    returned stays open; None where none can be had (a directory that refuses writes, a file system without locks:
+    NFS without lockd), which then goes unguarded. Raises LockHeld when another process holds it."""
+    import fcntl
+
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "?"
+        handle.close()
+        raise LockHeld(holder) from None
+    except OSError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+_HELD: dict = {}  # RecordLog's locks this process holds, by path
+
+
 class RecordLog:
     """Append-only, resumable record file: `<path>.partial` while being written, `<path>` once finished.
 
@@ -354,6 +394,17 @@ class RecordLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise write_failed(self.path.parent, e, "nothing was written") from e
+        # Held until `finish`: a second process on the same output (a stage command run twice at once) would start
+        # a new .partial once the first had published, and publish it over the first's records.
+        # Within this process the lock passes on: a log left unfinished by an error is no writer any more.
+        self._lock_path = self.path.with_name(self.path.name + ".lock")
+        key = os.path.abspath(self._lock_path)
+        if key not in _HELD:
+            try:
+                _HELD[key] = take_lock(self._lock_path)
+            except LockHeld as e:
+                raise OutputError(f"{self.path}: being written by another srlm process (pid {e.holder}); wait for it "
+                                  "to end, or write elsewhere") from None
         if self.path.exists() and not self.partial.exists():
             # Reopened after it was finished (e.g. a crash before the stage's next output): keep everything.
             os.replace(self.path, self.partial)
@@ -426,4 +477,8 @@ class RecordLog:
         except OSError as e:
             raise write_failed(self.path, e, "the records stay in the .partial file; rerun to resume") from e
         fsync_dir(self.path.parent)
+        handle = _HELD.pop(os.path.abspath(self._lock_path), None)
+        if handle is not None:
+            self._lock_path.unlink(missing_ok=True)
+            handle.close()
         return self.records

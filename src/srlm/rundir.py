@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .config import NOT_PINNED, PINNED_SINCE, RunConfig, config_to_yaml
 from .errors import RunDirError
-from .records import atomic_write_text
+from .records import LockHeld, atomic_write_text, take_lock
 
 FORMAT_VERSION = 1
 TRACKED_PACKAGES = ("srlm", "torch", "transformers", "trl", "accelerate", "datasets", "pydantic")
@@ -83,16 +83,22 @@ class RunDir:
             raise RunDirError(f"{self.root}: already holds a run; continue it with `srlm run --resume {self.root}` "
                               "or choose another --out")
         # What `create` itself writes before the manifest: a crash in between leaves only these, and may start over.
-        own = {self.config_path.name, self.config_path.name + ".tmp", self.manifest_path.name + ".tmp"}
+        own = {self.config_path.name, self.config_path.name + ".tmp", self.manifest_path.name + ".tmp", ".lock"}
         if self.root.is_dir() and (foreign := sorted(p.name for p in self.root.iterdir() if p.name not in own)):
             shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
             raise RunDirError(f"{self.root}: not empty and not a srlm run (it holds {shown}); a new run would mix "
                               "its files with these. Choose another --out, or an empty or new directory")
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.config_path, config_to_yaml(config))
         except OSError as e:
-            raise RunDirError(f"{self.root}: cannot write the run directory: {e.strerror or e}")
+            raise RunDirError(f"{self.root}: cannot make the run directory: {e.strerror or e}")
+        # Held before anything is written: two runs given one directory at once (the default name is by the second)
+        # wrote each other's config and manifest, and one ran on the other's.
+        self.lock()
+        if self.manifest_path.exists():
+            self.unlock()
+            raise RunDirError(f"{self.root}: another srlm made a run here just now; choose another --out")
+        atomic_write_text(self.config_path, config_to_yaml(config))
         self.write_manifest({
             "format_version": FORMAT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -141,28 +147,13 @@ class RunDir:
 
         Under `accelerate launch` the ranks share the run by design; rank 0 holds it for all of them. A file system
         without locks (NFS without lockd) goes unguarded."""
-        import fcntl
-        import os
-
-        if not first_process():
+        if not first_process() or getattr(self, "_lock", None) is not None:
             return
-        handle = open(self.root / ".lock", "a+", encoding="utf-8")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "?"
-            handle.close()
-            raise RunDirError(f"{self.root}: in use by another srlm process (pid {holder}); wait for it to end, or "
-                              "stop it, before running this one on it")
-        except OSError:
-            handle.close()
-            return
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        self._lock = handle
+            self._lock = take_lock(self.root / ".lock")
+        except LockHeld as e:
+            raise RunDirError(f"{self.root}: in use by another srlm process (pid {e.holder}); wait for it to end, or "
+                              "stop it, before running this one on it") from None
 
     def unlock(self) -> None:
         """Let go of the run directory (`lock`); at the latest the process's end does."""
@@ -174,10 +165,7 @@ class RunDir:
         return json.loads(self.manifest_path.read_text(encoding="utf-8"))
 
     def write_manifest(self, manifest: dict) -> None:
-        try:
-            atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-        except OSError as e:
-            raise RunDirError(f"{self.manifest_path}: cannot write: {e.strerror or e}")
+        atomic_write_text(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
 
     def is_complete(self, stage: str) -> bool:
         return self.read_manifest()["stages"].get(stage, {}).get("status") == "complete"
