@@ -59,3 +59,13 @@ def test_cli_exit_codes(tmp_path, capsys):
     assert main(["data", "validate", "--ift", str(tmp_path / "missing.jsonl")]) == 4
     assert "file not found" in capsys.readouterr().out
     assert main(["data", "validate"]) == 2
+
+
+def test_an_empty_file_is_said_even_when_another_files_name_holds_its_own(tmp_path):
+    # Whether a file had errors was looked up by its name in the messages: my_eft.jsonl's errors hid that eft.jsonl
+    # was empty.
+    (tmp_path / "my_eft.jsonl").write_text('{"id": 1}\n')
+    (tmp_path / "eft.jsonl").write_text("")
+    report = validate(ift=tmp_path / "my_eft.jsonl", eft=tmp_path / "eft.jsonl")
+    assert any(e == f"{tmp_path / 'eft.jsonl'}: file is empty (expected at least one EFTExample record)"
+               for e in report.errors), report.errors

@@ -45,6 +45,7 @@ class Report:
 
 def _records(path: Path, model, report: Report) -> list[tuple[int, object]]:
     good = []
+    errors = len(report.errors)
     try:
         for number, item in scan_jsonl(path, model):
             if isinstance(item, InputError):
@@ -54,7 +55,8 @@ def _records(path: Path, model, report: Report) -> list[tuple[int, object]]:
     except InputError as e:
         report.errors.append(str(e))
         return []
-    if not good and not any(str(path) in e for e in report.errors):
+    # This file's own errors: another file's name may hold this one's ("my_eft.jsonl" holds "eft.jsonl").
+    if not good and len(report.errors) == errors:
         report.errors.append(f"{path}: file is empty (expected at least one {model.__name__} record)")
     report.counts[str(path)] = len(good)
     return good
@@ -64,7 +66,7 @@ def _long_fields(path: Path, number: int, record, report: Report) -> None:
     for name, value in record.model_dump().items():
         if isinstance(value, str) and len(value) > MAX_FIELD_CHARS:
             report.warnings.append(f"{path}:{number}: field '{name}': {len(value)} characters (over "
-                                   f"{MAX_FIELD_CHARS}; it will be truncated at training's max_length)")
+                                   f"{MAX_FIELD_CHARS}; training leaves out an example longer than its max_length tokens)")
 
 
 def normalise(text: str) -> str:
