@@ -188,6 +188,28 @@ def test_report_selects_pairs_as_the_run_did(reference_run, tmp_path):
     assert collect(copy, exclude_flagged=True)[1]["pairs"] == 0
 
 
+def test_the_report_counts_the_pairs_the_run_trained_on(reference_run, tmp_path):
+    # The report selected pairs anew from the judgments: under a newer srlm (a better tie-break) it counted a pair
+    # the run never trained on.
+    import shutil
+
+    from srlm.report import collect
+
+    root, summary, _ = reference_run
+    copy = tmp_path / "run"
+    shutil.copytree(root, copy)
+    path = copy / "iter_1" / "pairs.jsonl"
+    pairs = read_jsonl(path, Pair)
+    path.write_text("".join(p.model_dump_json() + "\n" for p in pairs[1:]))  # as an older srlm selected
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["stages"]["iter_1.pairs"]["counts"] = {"pairs": len(pairs) - 1, "dropped: an older reason": 1}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    stats = collect(copy)
+    assert stats[1]["pairs"] == len(pairs) - 1 and stats[1]["dropped_other"] == {"an older reason": 1}
+    assert stats[2]["pairs"] == summary["iterations"][2]["pairs"]  # as selected: the same
+    assert collect(copy, exclude_flagged=True)[1]["pairs"] == len(pairs)  # a selection asked for is made anew
+
+
 def test_report_shows_an_iteration_judged_but_not_trained(reference_run, tmp_path):
     """As the judge gate leaves a run: iteration 2 judged, no pairs, no M3. Its figures are what the user needs."""
     import shutil

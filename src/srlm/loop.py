@@ -37,7 +37,7 @@ from .dpo import train_dpo
 from .errors import JudgeIntegrityError, ModelError, RunDirError
 from .evaluation import first_prompts, load_ranked, measure_judge
 from .judging import check_failure_rate, judgments_per_candidate, load_template, run_judge
-from .pairs import select_pairs
+from .pairs import as_recorded, select_pairs
 from .progress import bar as _bar
 from .prompts import PromptAttempt, generate_prompts, prompt_options
 from .records import (
@@ -318,7 +318,8 @@ class Run:
         self._stage(f"iter_{t}.dpo", dpo_work, lambda: self.dir.model(t + 1))
         self.eval_stage(f"M{t + 1}", self.dir.model(t + 1), previous=(f"M{t}", model_t))
         attempts = read_jsonl(folder / "prompts_attempts.jsonl", PromptAttempt)
-        return iteration_stats(attempts, candidates, judgments, selection, len(prompts))
+        counts = self.dir.read_manifest()["stages"][f"iter_{t}.pairs"].get("counts")
+        return iteration_stats(attempts, candidates, judgments, as_recorded(selection, pairs, counts), len(prompts))
 
     def _eval_sets(self):
         """The evaluation sets the config names (validated: a bad file fails before any training)."""

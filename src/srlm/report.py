@@ -8,20 +8,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .pairs import select_pairs
+from .pairs import as_recorded, select_pairs
 from .prompts import PromptAttempt
-from .records import Candidate, Judgment, Prompt, read_jsonl
+from .records import Candidate, Judgment, Pair, Prompt, read_jsonl
 from .rundir import RunDir
 from .summary import format_table, iteration_stats
 
 
 def collect(root: Path, exclude_flagged: bool | None = None) -> dict[int, dict]:
-    """Each finished iteration's statistics, from its records; pairs are selected as the run selected them
-    (`judge.exclude_flagged` and `judge.exclude_truncated` of its config.yaml; `exclude_flagged`, if given, for the
-    former)."""
+    """Each finished iteration's statistics, from its records; pairs are the run's (its pairs.jsonl, or before that
+    stage selected as the run selects them: `judge.exclude_flagged` and `judge.exclude_truncated` of its
+    config.yaml). `exclude_flagged`, if given, selects anew from the judgments with it."""
     run = RunDir(root)
     run.open()
     judge = _run_judge_settings(run)
+    recount = exclude_flagged  # a selection asked for, not the run's: from the judgments alone
     if exclude_flagged is None:
         exclude_flagged = bool(judge.get("exclude_flagged", True))
     exclude_truncated = bool(judge.get("exclude_truncated", True))
@@ -35,6 +36,9 @@ def collect(root: Path, exclude_flagged: bool | None = None) -> dict[int, dict]:
         attempts = read_jsonl(folder / "prompts_attempts.jsonl", PromptAttempt)
         selection = select_pairs(prompts, candidates, judgments, exclude_flagged=exclude_flagged,
                                  exclude_truncated=exclude_truncated)
+        if recount is None and (folder / "pairs.jsonl").exists():
+            counts = run.read_manifest()["stages"].get(f"iter_{t}.pairs", {}).get("counts")
+            selection = as_recorded(selection, read_jsonl(folder / "pairs.jsonl", Pair, allow_empty=True), counts)
         stats[t] = iteration_stats(attempts, candidates, judgments, selection, len(prompts))
         t += 1
     return stats
