@@ -133,8 +133,7 @@ class Run:
             if config.generation.batch_size == "auto":
                 # Fixed once and recorded in config.yaml: every stage plans (and a resume replans) the same batches.
                 config.generation.batch_size = resolve_batch_size(config, models.resolve(config.model))
-            self.dir.create(config, template=self.template)
-            self.dir.lock()
+            self.dir.create(config, template=self.template)  # locked from before its first write
 
     def _start_over(self, section: str) -> None:
         """The checkpoints of an unfinished stage trained under `section` settings now changed go (renamed aside

@@ -42,8 +42,8 @@ def as_recorded(selection: PairSelection, recorded: list[Pair] | None, counts: d
     """The selection as the run made it, for its statistics: `recorded`, its pairs.jsonl (None before the pairs
     stage), and `counts`, what the manifest counted for that stage. The same judgments may select otherwise under a
     newer srlm (a better tie-break), and a summary must count the pairs that were trained on."""
-    if recorded is None or [p.id for p in recorded] == [p.id for p in selection.pairs] and all(
-            (a.chosen_id, a.rejected_id) == (b.chosen_id, b.rejected_id) for a, b in zip(recorded, selection.pairs)):
+    same = lambda pairs: [(p.id, p.chosen_id, p.rejected_id) for p in pairs]
+    if recorded is None or same(recorded) == same(selection.pairs):
         return selection
     dropped = Counter({k.removeprefix("dropped: "): v for k, v in (counts or {}).items() if k.startswith("dropped: ")})
     return PairSelection(pairs=list(recorded), dropped=dropped, mean_scores=selection.mean_scores)

@@ -395,8 +395,8 @@ class RecordLog:
         except OSError as e:
             raise write_failed(self.path.parent, e, "nothing was written") from e
         # Held until `finish`: a second process on the same output (a stage command run twice at once) would start
-        # a new .partial once the first had published, and publish it over the first's records.
-        # Within this process the lock passes on: a log left unfinished by an error is no writer any more.
+        # a new .partial once the first had published, and publish it over the first's records. Within this process
+        # the lock passes on: a log left unfinished by an error is no writer any more.
         self._lock_path = self.path.with_name(self.path.name + ".lock")
         key = os.path.abspath(self._lock_path)
         if key not in _HELD:
