@@ -45,6 +45,7 @@ def test_few_shot_request_numbers_examples_and_asks_for_the_next():
     ("Task: Explain tides.", "Explain tides."),
     ("Task-based learning: design a week of lessons.", "Task-based learning: design a week of lessons."),
     ('"Carpe diem" means what, exactly?', '"Carpe diem" means what, exactly?'),
+    ('"Carpe diem" or "memento mori"', '"Carpe diem" or "memento mori"'),
 ])
 def test_clean(raw, expected):
     assert clean(raw) == expected

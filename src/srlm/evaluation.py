@@ -190,6 +190,7 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
         keys = set(json.loads(first))
     except (ValueError, TypeError, RecursionError):  # read_jsonl below names what is wrong with the line
         keys = set()
+    pairs = False  # pairwise labels: each pair is a group of its own
     if "response_text" in keys:
         rows = read_jsonl(path, _OasstReply)
         replies = [RankedReply(id=r.response_id, prompt_id=r.prompt_id, prompt=r.prompt_text, reply=r.response_text,
@@ -198,16 +199,17 @@ def load_ranked(path: Path, split: str = "eval") -> list[RankedReply]:
             print(f"[srlm] {path}: {len(rows) - len(replies)} of {len(rows)} replies have no human score and are "
                   "left out", file=sys.stderr)
     elif {"chosen", "rejected"} <= keys:
+        pairs = True
         rows = read_jsonl(path, _PreferencePair)
         replies = _pairs_as_ranked([(_pair_id(r.id, n), r.prompt, r.chosen, r.rejected, "A")
                                     for n, r in enumerate(rows, start=1)])
     elif keys & {"winner", "preference", "label"}:
+        pairs = True
         rows = read_jsonl(path, PairwiseLabel)
         replies = _pairs_as_ranked([(_pair_id(r.id, n), r.prompt, r.response_a, r.response_b, r.winner)
                                     for n, r in enumerate(rows, start=1)])
     else:
         replies = read_jsonl(path, RankedReply)
-    pairs = "response_text" not in keys and bool(keys & {"chosen", "rejected", "winner", "preference", "label"})
     if split != "all":
         replies = [r for r in replies if heldout(split_key(r, pairs)) == (split == "eval")]
     replies = merge_repeats(replies, path)

@@ -39,7 +39,7 @@ def clean(text: str) -> str:
     """The prompt without the list's own marking: a leading "Task 9:" the model repeated, and quotes around the
     whole. "Task-based learning" and a quote that opens the prompt without closing it are the prompt's own."""
     text = re.sub(r"^task\s*(?:\d+\s*[:.)-]|:)\s*", "", text.strip(), flags=re.IGNORECASE).strip()
-    if len(text) > 1 and text[0] == text[-1] == '"':
+    if len(text) > 1 and text[0] == text[-1] == '"' and text.count('"') == 2:
         text = text[1:-1].strip()
     return text
 
