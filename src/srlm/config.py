@@ -310,13 +310,11 @@ def output_settings(config: BaseModel, sections: Sequence[str]) -> dict[str, Any
     for key in ("generation.timeout_s", "generation.max_retries", *NOT_PINNED):
         settings.pop(key, None)
     if "judge" in sections:
-        import hashlib
-
         from .judging import load_template
+        from .rundir import text_digest
 
         # judge.template is a path; the records depend on the text in it, which can change under the same path.
-        text = load_template(config.judge.template)
-        settings["judge.template_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        settings["judge.template_sha256"] = text_digest(load_template(config.judge.template))[:16]
     return settings
 
 

@@ -44,7 +44,7 @@ from .backends import Generator, SamplingParams, batch_params, close, plan_batch
 from .errors import ConfigError, InputError, RunDirError
 from .judging import fill_slots, read_slotted_template
 from .records import Record, RecordLog, atomic_write_text, load_json, read_input, write_jsonl
-from .rundir import pin_settings
+from .rundir import pin_settings, text_digest
 
 INSTRUCTION_SLOT = "<INSTRUCTION_HERE>"
 RESPONSE_A_SLOT = "<RESPONSE_A_HERE>"
@@ -724,7 +724,7 @@ def head_to_head(instructions: Sequence[Instruction], a: Side, b: Side, judge: C
     check_settings(out_dir, dict(a=a.name, b=b.name, a_weights=a.weights, b_weights=b.weights, judge=judge_name,
                                  judge_weights=judge_weights, temperature=temperature, top_p=top_p,
                                  max_new_tokens=max_new_tokens, judge_max_new_tokens=judge_max_new_tokens, seed=seed,
-                                 template_sha256=hashlib.sha256(template.encode()).hexdigest()))
+                                 template_sha256=text_digest(template)))
     params = SamplingParams(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed)
     outputs_a = side_outputs(a, instructions, out_dir / "outputs_a.jsonl", params=params, batch_size=batch_size)
     outputs_b = side_outputs(b, instructions, out_dir / "outputs_b.jsonl", params=params, batch_size=batch_size)

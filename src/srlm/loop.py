@@ -21,7 +21,6 @@ generation stage, after the last batch written; inside training, from the last T
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -136,19 +135,16 @@ class Run:
             self.dir.create(config, template=self.template)  # locked from before its first write
 
     def _start_over(self, section: str) -> None:
-        """The checkpoints of an unfinished stage trained under `section` settings now changed go (renamed aside
-        first: half removed, they would be resumed from): the stage starts over, as the run would have run it."""
-        import shutil
+        """The checkpoints of an unfinished stage trained under `section` settings now changed go: the stage starts
+        over, as the run would have run it."""
+        from .training import discard, work_dir_of
 
         outputs = [self.dir.model(1), self.dir.sft_baseline] if section == "sft" else [self.dir.model(2)]
-        for work in (out.with_name(out.name + ".work") for out in outputs):
+        for work in map(work_dir_of, outputs):
             if work.exists():
                 say(f"[srlm] {work}: its checkpoints were trained with other {section}.* settings; the stage starts "
                     "over")
-                trash = work.with_name(work.name + ".deleting")
-                shutil.rmtree(trash, ignore_errors=True)
-                os.replace(work, trash)
-                shutil.rmtree(trash)
+                discard(work)
 
     def _recorded_config(self, manifest: dict) -> RunConfig:
         """The config this run was last accepted under: the manifest's copy (config.yaml may have been edited since),

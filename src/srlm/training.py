@@ -150,7 +150,7 @@ def start_stage(section: str, model_path: Path | str, out_dir: Path, config, row
 
     tokenizer = load_tokenizer(model_path, config.model)
     rows = drop_overlong(rows, tokenizer, getattr(config, section).max_length, section, completions)
-    work_dir = out_dir.with_name(out_dir.name + ".work")
+    work_dir = work_dir_of(out_dir)
     pin_training(work_dir, section, config, rows, model=model_path, **models)
     return pick_device(config.device), work_dir, tokenizer, rows
 
@@ -201,9 +201,23 @@ def pin_training(work_dir: Path, section: str, config, rows: list, **models: Pat
                  holder=work_dir, start_over=f"delete {work_dir.name} to start over")
 
 
+def work_dir_of(out_dir: Path) -> Path:
+    """Where a training stage that publishes `out_dir` keeps its checkpoints until then."""
+    return out_dir.with_name(out_dir.name + ".work")
+
+
+def discard(work_dir: Path) -> None:
+    """Remove a work directory, renamed first, so that a kill during the removal cannot leave a half-deleted
+    checkpoint there for a rerun to resume from."""
+    trash = work_dir.with_name(work_dir.name + ".deleting")
+    shutil.rmtree(trash, ignore_errors=True)
+    if work_dir.exists():
+        os.replace(work_dir, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def finish(trainer, tokenizer, out_dir: Path, work_dir: Path) -> Path:
-    """Publish the trained model to `out_dir`, then remove the work directory: renamed first, so that a kill during
-    the removal cannot leave a half-deleted checkpoint there for a rerun to resume from."""
+    """Publish the trained model to `out_dir`, then remove the work directory (`discard`)."""
     from .models import save_checkpoint
 
     # Under `accelerate launch` every process gets here: one publishes, after all have finished training, and the
@@ -213,11 +227,7 @@ def finish(trainer, tokenizer, out_dir: Path, work_dir: Path) -> Path:
         accelerator.wait_for_everyone()
     if accelerator is None or accelerator.is_main_process:
         save_checkpoint(trainer.model, tokenizer, out_dir)
-        trash = work_dir.with_name(work_dir.name + ".deleting")
-        shutil.rmtree(trash, ignore_errors=True)
-        if work_dir.exists():
-            os.replace(work_dir, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        discard(work_dir)
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return out_dir
